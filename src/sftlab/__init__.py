@@ -1,0 +1,2 @@
+"""sftlab: supervised fine-tuning of language models."""
+__version__ = "0.1.0"

@@ -1,0 +1,218 @@
+"""The `sftlab` command: one thin command per verb — parse, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sftlab.config import ConfigError, describe_keys, load_config
+
+app = typer.Typer(
+    help="sftlab: supervised fine-tuning of language models — data, exact loss masks, training, generation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Offline model registry: list and pull (convert GGUF once into the cache).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+
+SET_HELP = "Override a config key, e.g. --set learning_rate=1e-4 --set lora.r=8 (repeatable)."
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _user_errors():
+    from sftlab.data.readers import DataError
+    from sftlab.data.templates import TemplateError
+    from sftlab.models.registry import ModelNotFoundError
+
+    return (ConfigError, DataError, TemplateError, ModelNotFoundError)
+
+
+def _run(fn):
+    try:
+        return fn()
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List registered offline models and whether they are installed and pulled."""
+    from sftlab.models.registry import REGISTRY, cached_model_dir, is_installed, is_pulled
+
+    table = Table("name", "description", "license", "installed", "pulled", title="sftlab models")
+    for name, entry in REGISTRY.items():
+        table.add_row(name, entry.description, entry.license,
+                      "yes" if is_installed(name) else f"no ({entry.install})",
+                      str(cached_model_dir(name)) if is_pulled(name) else "no")
+    console.print(table)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: str = typer.Argument(..., help="a registered model name (see `sftlab models list`)"),
+    force: bool = typer.Option(False, help="convert again even when already in the cache"),
+) -> None:
+    """Convert a registered GGUF model once into a Hugging Face checkpoint in $SFTLAB_HOME.
+
+    Example: sftlab models pull smollm2-135m-instruct
+    """
+    from sftlab.models.convert import pull
+
+    path = _run(lambda: pull(name, force=force))
+    console.print(f"{name}: {path}")
+
+
+@app.command("config")
+def config_cmd(
+    config: Optional[Path] = typer.Argument(None, help="a run config to resolve; omitted: show all keys and defaults"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Show every config key with its default and meaning, or the resolved values of a config.
+
+    Example: sftlab config examples/demo.yaml --set method=lora
+    """
+    if config is None and not set_:
+        table = Table("key", "default", "meaning", title="run config keys")
+        for key, default, meaning in describe_keys():
+            table.add_row(key, json.dumps(default), meaning)
+        console.print(table)
+        return
+    cfg = _run(lambda: load_config(config, set_))
+    import yaml
+
+    data = cfg.model_dump(mode="json")
+    data["learning_rate"] = cfg.resolved_learning_rate
+    console.print(yaml.safe_dump(data, sort_keys=False), highlight=False)
+
+
+def _print_report(report: dict) -> None:
+    table = Table("file", "split", "read", "kept", "dropped", "truncated", "tokens", "trained", "length p50/p90/max",
+                  title="data report")
+    for r in report["sources"] + [report["total"]]:
+        pct = r["length_percentiles"]
+        table.add_row(
+            Path(r["path"]).name, r["split"], str(r["rows_read"]), str(r["rows_kept"]),
+            ", ".join(f"{k}: {v}" for k, v in r["dropped_by_reason"].items()) or "0",
+            str(r["rows_truncated"]), f"{r['tokens']:,}", f"{r['trained_tokens']:,}",
+            f"{pct.get('p50', '-')}/{pct.get('p90', '-')}/{pct.get('max', '-')}" if pct else "-",
+        )
+    console.print(table)
+    split = report["split"]
+    console.print(f"split: {split['train_rows']} train / {split['val_rows']} validation rows")
+
+
+@app.command("prepare")
+def prepare_cmd(
+    config: Path = typer.Argument(..., help="run config (YAML)"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Read, validate, template, tokenize and mask the data; print and save the data report.
+
+    Example: sftlab prepare examples/demo.yaml   (writes OUTPUT_DIR/data_report.json)
+    """
+    from sftlab.api import prepare
+
+    data = _run(lambda: prepare(load_config(config, set_)))
+    _print_report(data.report)
+    console.print(f"report: {Path(load_config(config, set_).output_dir) / 'data_report.json'}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    config: Path = typer.Argument(..., help="run config (YAML)"),
+    n: int = typer.Option(3, "-n", help="how many examples to show"),
+    row: Optional[int] = typer.Option(None, help="show this training example (0-based) instead"),
+    random_rows: bool = typer.Option(False, "--random", help="pick examples at random (seeded by the config)"),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="HTML file to write (default OUTPUT_DIR/inspect.html)"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Show training examples with the trained tokens highlighted (terminal + HTML).
+
+    Example: sftlab inspect examples/demo.yaml -n 3
+    """
+    from sftlab.api import prepare
+    from sftlab.data.inspect import to_rich, write_html
+    from sftlab.models.loading import load_tokenizer
+
+    cfg = _run(lambda: load_config(config, set_))
+    data = _run(lambda: prepare(cfg))
+    tokenizer = load_tokenizer(cfg.model)
+    examples = data.train
+    if row is not None:
+        if not 0 <= row < len(examples):
+            _fail(f"--row {row}: the training set has rows 0..{len(examples) - 1}")
+        chosen = [examples[row]]
+    elif random_rows:
+        chosen = random.Random(cfg.seed).sample(examples, min(n, len(examples)))
+    else:
+        chosen = examples[:n]
+    for example in chosen:
+        console.rule(f"{example.source}  ·  {len(example)} tokens, {example.trained_token_count} trained")
+        console.print(to_rich(example, tokenizer))
+    path = write_html(chosen, tokenizer, html_path or Path(cfg.output_dir) / "inspect.html")
+    console.print("[dim]legend: [bold black on green]trained[/] · masked (label -100)[/]")
+    console.print(f"HTML: {path}")
+
+
+@app.command("train")
+def train_cmd(
+    config: Path = typer.Argument(..., help="run config (YAML)"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, help="continue from the latest checkpoint-N in output_dir"),
+) -> None:
+    """Fine-tune (full or LoRA): checkpoints, metrics.jsonl, progress; final model in OUTPUT_DIR/final.
+
+    Example: sftlab train examples/demo.yaml --set max_steps=10
+    """
+    from sftlab.api import train
+
+    cfg = _run(lambda: load_config(config, set_))
+    _run(lambda: train(cfg, resume=resume, console=console))
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Argument(..., help="run directory, checkpoint folder, registry name or HF model folder"),
+    instruction: str = typer.Option(..., "--instruction", "-i", help="the instruction"),
+    input: str = typer.Option("", "--input", help="optional input/context for the instruction"),
+    template: Optional[str] = typer.Option(None, help="template for a plain model (a run uses its own); default alpaca"),
+    max_new_tokens: int = typer.Option(256, help="longest response in tokens"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling threshold (temperature > 0)"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed"),
+    show_prompt: bool = typer.Option(False, help="also print the exact prompt text"),
+) -> None:
+    """Generate a response with the template the run trained with; stops at EOS.
+
+    Example: sftlab generate runs/demo -i "Name three primary colours."
+    """
+    from sftlab.infer.generate import Generator
+
+    generator = _run(lambda: Generator.load(model, template))
+    if show_prompt:
+        console.rule("prompt")
+        console.print(generator.prompt_text(instruction, input), highlight=False, markup=False)
+        console.rule("response")
+    response = generator.generate([(instruction, input)], max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed)[0]
+    console.print(response, highlight=False, markup=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The run config: one YAML file per run, every default in one place.
+
+    model: smollm2-135m-instruct
+    data: [examples/data/alpaca_demo.json]
+    method: lora
+
+Every key has a default and a one-line meaning (``sftlab config`` prints them all);
+``--set a.b=c`` overrides any key; unknown keys are an error that suggests the closest
+valid key. Relative data paths in a YAML file are resolved against that file's folder;
+paths given with ``--set`` and ``output_dir`` are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# SFT uses small learning rates so the model keeps what it learned in pre-training
+# (Alpaca: 2e-5 for full fine-tuning; LoRA's adapters start at zero and need ~10x more).
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4}
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSource(_Strict):
+    path: str = Field(description="a .json (list) or .jsonl file")
+    format: Literal["alpaca"] = Field("alpaca", description="the row format of the file")
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="module names to adapt; 'all-linear' = every linear layer but the output head"
+    )
+
+
+class RunConfig(_Strict):
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="registry name (sftlab models list), local Hugging Face folder, or hub id",
+    )
+    data: list[DataSource] = Field(
+        default_factory=lambda: [DataSource(path="examples/data/alpaca_demo.json")],
+        description="training files: a list of {path, format} or plain paths",
+    )
+    eval_data: list[DataSource] = Field(
+        default_factory=list, description="held-out files for the validation loss (optional)"
+    )
+    val_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of training rows held out for validation when eval_data is empty"
+    )
+    template: Literal["alpaca"] = Field("alpaca", description="prompt template used to train and at inference")
+    max_length: int = Field(512, gt=8, description="longest example in tokens; longer ones are truncated")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="malformed rows: 'raise' stops with the location, 'skip' drops and counts them"
+    )
+    method: Literal["full", "lora"] = Field("full", description="full fine-tune or LoRA adapters (peft)")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (method: lora)")
+    learning_rate: float | None = Field(
+        None, gt=0, description="peak learning rate; default 2e-5 (full) or 2e-4 (lora)"
+    )
+    num_epochs: float = Field(3, gt=0, description="passes over the training data (SFT: 1-3)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; when set, overrides num_epochs")
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of steps with linear warm-up")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate schedule after warm-up"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to norms and biases)")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables clipping")
+    group_by_length: bool = Field(True, description="batch examples of similar length to waste less padding")
+    loss_chunk_size: int = Field(
+        1024, gt=0, description="trained positions per chunk of the output layer + loss (bounds logits memory)"
+    )
+    seed: int = Field(42, description="seed for data order, initialisation and dropout")
+    output_dir: str = Field("runs/default", description="run directory: checkpoints, metrics, reports")
+    logging_steps: int = Field(1, gt=0, description="print a progress line every N steps (metrics.jsonl logs every step)")
+    save_steps: int = Field(0, ge=0, description="save a resumable checkpoint every N steps; 0 = only the final model")
+    save_total_limit: int = Field(2, ge=1, description="how many intermediate checkpoints to keep")
+    eval_steps: int = Field(0, ge=0, description="validation loss every N steps; 0 = only before and after training")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train; auto picks CUDA when present")
+
+    @field_validator("data", "eval_data", mode="before")
+    @classmethod
+    def _plain_paths(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if not self.data:
+            raise ValueError("data: give at least one training file")
+        return self
+
+    @property
+    def resolved_learning_rate(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+
+
+def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, meaning) for every key, nested keys dotted — for `sftlab config` and docs."""
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += describe_keys(annotation, prefix + name + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = [d.model_dump() if isinstance(d, BaseModel) else d for d in default]
+        rows.append((prefix + name, default, field.description or ""))
+    return rows
+
+
+def _check_unknown_keys(raw: dict, model: type[BaseModel], where: str, prefix: str = "") -> None:
+    for key, value in raw.items():
+        if key not in model.model_fields:
+            valid = list(model.model_fields)
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{where}: unknown config key '{prefix}{key}'.{hint} "
+                f"Valid keys here: {', '.join(prefix + v for v in valid)}."
+            )
+        annotation = model.model_fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+            _check_unknown_keys(value, annotation, where, prefix + key + ".")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'lora.r=8' -> (['lora', 'r'], 8). The value is read as YAML, so numbers, lists and null work."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected KEY=VALUE, e.g. --set learning_rate=1e-4")
+    key, value = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set '{text}': the key is empty")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    # YAML 1.1 reads 2e-5 as a string; a learning rate is meant
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed for c in "eE.") else parsed
+        except ValueError:
+            pass
+    return key.strip().split("."), parsed
+
+
+def _resolve_data_paths(raw: dict, base: Path) -> None:
+    for key in ("data", "eval_data"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        resolved = []
+        for item in items:
+            entry = {"path": item} if isinstance(item, str) else dict(item) if isinstance(item, dict) else item
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                path = Path(entry["path"]).expanduser()
+                if not path.is_absolute():
+                    entry["path"] = str(base / path)
+            resolved.append(entry)
+        raw[key] = resolved
+
+
+def _format_validation_error(error: ValidationError, where: str) -> str:
+    lines = [f"{where}: invalid config"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config from YAML (or defaults when path is None) and apply KEY=VALUE overrides."""
+    raw: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, found {type(raw).__name__}")
+        _check_unknown_keys(raw, RunConfig, where)
+        _resolve_data_paths(raw, path.parent)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _check_unknown_keys(_nest(keys, value), RunConfig, f"--set {text}")
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: '{key}' is not a group of keys")
+        node[keys[-1]] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, where)) from None
+
+
+def _nest(keys: list[str], value: Any) -> dict:
+    out: Any = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (every key, defaults included) as YAML."""
+    data = config.model_dump(mode="json")
+    data["learning_rate"] = config.resolved_learning_rate
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

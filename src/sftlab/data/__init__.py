@@ -1,0 +1,1 @@
+"""Data stage: readers, formats, templates, tokenize + mask, report."""

@@ -1,0 +1,1 @@
+"""Inference: generate with the template the run trained with."""

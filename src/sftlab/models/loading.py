@@ -1,0 +1,83 @@
+"""Load a model + tokenizer for training or inference, with the device chosen, never assumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sftlab.models.registry import resolve_model
+
+RUN_INFO_FILE = "sftlab.json"  # written beside every checkpoint: template, base model, method
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id works; EOS labels are
+        # decided by position (offsets), never by comparing ids to the pad id.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(model: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
+    """Load a causal LM. On CUDA, SDPA attention; weights stay fp32 for training (bf16 autocast)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(model)
+    kwargs = {"dtype": dtype}
+    if device is not None and device.type == "cuda":
+        kwargs["attn_implementation"] = "sdpa"
+    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return lm.to(device) if device is not None else lm
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A run directory or checkpoint folder -> the folder holding sftlab.json (None if neither)."""
+    path = Path(path)
+    for candidate in (path, path / "final"):
+        if (candidate / RUN_INFO_FILE).is_file():
+            return candidate
+    return None
+
+
+def read_run_info(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / RUN_INFO_FILE).read_text())
+
+
+def load_for_inference(model_or_run: str, device: torch.device | None = None):
+    """(model, tokenizer, run_info) for a run directory, a checkpoint folder or a plain model.
+
+    run_info is {} for a plain model; for a run it holds the template it trained with, so
+    inference formats prompts exactly as training did. LoRA adapters are merged for speed.
+    """
+    from transformers import AutoTokenizer
+
+    device = device or pick_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    checkpoint = find_checkpoint(model_or_run)
+    if checkpoint is None:
+        return load_causal_lm(model_or_run, device, dtype).eval(), load_tokenizer(model_or_run), {}
+    info = read_run_info(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if info.get("method") == "lora":
+        from peft import PeftModel
+
+        base = load_causal_lm(info["base_model"], device, dtype)
+        lm = PeftModel.from_pretrained(base, checkpoint).merge_and_unload()
+    else:
+        lm = load_causal_lm(str(checkpoint), device, dtype)
+    return lm.eval(), tokenizer, info

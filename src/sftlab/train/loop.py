@@ -1,0 +1,248 @@
+"""The training loop, top to bottom: set up, iterate, step, log, checkpoint.
+
+Devices, LoRA and resuming are switches in this one function, not subclasses. The loss of an
+optimizer step is the sum of per-token losses over all trained tokens of all its micro-batches
+divided by their total count (not a mean of per-batch means), so gradient accumulation is
+exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from sftlab.config import RunConfig, save_config
+from sftlab.data.batching import batch_order, collate
+from sftlab.data.prepare import prepare_data
+from sftlab.data.tokenize import IGNORE_INDEX
+from sftlab.models.loading import load_causal_lm, load_tokenizer, pick_device
+from sftlab.train.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint, save_model
+from sftlab.train.loss import evaluate_loss, token_loss_sum
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    final_train_loss: float | None
+    val_loss_before: float | None
+    val_loss_after: float | None
+    seconds: float
+    tokens_per_second: float
+
+
+def _apply_lora(model, config: RunConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _optimizer(model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    # no decay on norms and biases (1-D tensors), as in nanoGPT / HF
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=config.resolved_learning_rate, betas=(0.9, 0.999), fused=device.type == "cuda"
+    )
+
+
+def _eval_batches(examples, batch_size: int, pad_id: int):
+    ordered = sorted(examples, key=len)
+    return [collate(ordered[i : i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+
+
+def build_model(config: RunConfig, device: torch.device, resume_from: Path | None = None):
+    """The model to train: base weights (or a checkpoint's), with LoRA adapters when asked."""
+    if config.method == "full":
+        return load_causal_lm(str(resume_from) if resume_from else config.model, device)
+    model = load_causal_lm(config.model, device)
+    if resume_from:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+    return _apply_lora(model, config)
+
+
+def train(config: RunConfig, resume: bool = False, console: Console | None = None) -> TrainResult:
+    console = console or Console()
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, output_dir / "config.yaml")
+
+    # -- set up -----------------------------------------------------------------------------
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_data(config, tokenizer)
+    data.save_report(output_dir)
+    console.print(
+        f"data: {len(data.train)} train / {len(data.val)} validation rows, "
+        f"{data.report['split']['train_trained_tokens']:,} trained tokens, "
+        f"{data.report['total']['rows_dropped']} dropped, {data.report['total']['rows_truncated']} truncated"
+    )
+
+    checkpoints = list_checkpoints(output_dir) if resume else []
+    resume_from = checkpoints[-1] if checkpoints else None
+    if resume and resume_from is None:
+        console.print(f"[yellow]no checkpoint in {output_dir} to resume from; starting fresh[/]")
+    model = build_model(config, device, resume_from)
+    model.train()
+    if config.method == "lora":
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        console.print(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    micro_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // config.gradient_accumulation_steps)
+    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    optimizer = _optimizer(model, config, device)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(
+        "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=round(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    start_step = load_trainer_state(resume_from, optimizer, scheduler) if resume_from else 0
+    if resume_from:
+        console.print(f"resumed from {resume_from} at step {start_step}")
+
+    lengths = [len(e) for e in data.train]
+    epoch_orders: dict[int, list[list[int]]] = {}
+
+    def micro_batch(index: int) -> dict[str, torch.Tensor]:
+        # the global micro-batch index -> its examples; orders are fixed by (seed, epoch), so a
+        # resumed run continues with the very batches an uninterrupted run would have seen
+        epoch, position = divmod(index, micro_per_epoch)
+        if epoch not in epoch_orders:
+            epoch_orders[epoch] = batch_order(lengths, config.batch_size, config.seed, epoch, config.group_by_length)
+        return collate([data.train[i] for i in epoch_orders[epoch][position]], tokenizer.pad_token_id)
+
+    val_batches = _eval_batches(data.val, config.batch_size, tokenizer.pad_token_id) if data.val else []
+
+    def validate() -> float | None:
+        return evaluate_loss(model, val_batches, device, config.loss_chunk_size)["loss"] if val_batches else None
+
+    metrics_path = output_dir / "metrics.jsonl"
+    if resume_from and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    elif not resume_from:
+        metrics_path.write_text("")
+    tensorboard = _tensorboard(output_dir)
+
+    val_before = validate() if not resume_from else None
+    if val_before is not None:
+        console.print(f"validation loss before training: {val_before:.4f}")
+
+    # -- iterate ----------------------------------------------------------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    pending: list[dict] = []  # step records whose loss is still a device tensor (synced at log time)
+    last_loss, val_after, input_tokens_done, started = None, None, 0, time.perf_counter()
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+        TimeRemainingColumn(), console=console, transient=False,
+    )
+    with progress:
+        task = progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-", tps="-")
+        for step in range(start_step + 1, total_steps + 1):
+            # -- step: accumulate micro-batches, normalise by the step's trained-token count --
+            first = (step - 1) * config.gradient_accumulation_steps
+            batches = [micro_batch(first + j) for j in range(config.gradient_accumulation_steps)]
+            step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            step_input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            learning_rate = scheduler.get_last_lr()[0]
+            loss_sum = torch.zeros((), device=device)
+            for batch in batches:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast:
+                    summed, _ = token_loss_sum(model, batch, config.loss_chunk_size)
+                (summed / max(step_tokens, 1)).backward()
+                loss_sum += summed.detach()
+            if config.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            input_tokens_done += step_input_tokens
+            pending.append({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_sum / max(step_tokens, 1),
+                            "grad_norm": grad_norm, "learning_rate": learning_rate, "tokens": step_tokens,
+                            "input_tokens": step_input_tokens})
+
+            # -- log (the only host-device sync of the loop) ---------------------------------
+            is_last = step == total_steps
+            val_loss = validate() if is_last or (config.eval_steps and step % config.eval_steps == 0) else None
+            val_after = val_loss if is_last else None
+            if step % config.logging_steps == 0 or is_last or val_loss is not None:
+                elapsed = time.perf_counter() - started
+                tokens_per_second = input_tokens_done / elapsed
+                with metrics_path.open("a") as handle:
+                    for record in pending:
+                        record["loss"] = float(record["loss"])
+                        record["grad_norm"] = float(record["grad_norm"])
+                        record["tokens_per_second"] = round(tokens_per_second, 2)
+                        record["elapsed_s"] = round(elapsed, 2)
+                        if record["step"] == step and val_loss is not None:
+                            record["val_loss"] = val_loss
+                        handle.write(json.dumps(record) + "\n")
+                        if tensorboard:
+                            tensorboard.add_scalar("train/loss", record["loss"], record["step"])
+                            tensorboard.add_scalar("train/learning_rate", record["learning_rate"], record["step"])
+                last_loss = pending[-1]["loss"]
+                pending = []
+                if val_loss is not None and not is_last:
+                    console.print(f"step {step}: validation loss {val_loss:.4f}")
+                progress.update(task, loss=f"{last_loss:.4f}", lr=f"{learning_rate:.2e}", tps=f"{tokens_per_second:.0f}")
+            progress.update(task, completed=step)
+
+            # -- checkpoint -------------------------------------------------------------------
+            if config.save_steps and step % config.save_steps == 0 and not is_last:
+                save_checkpoint(model, tokenizer, config, optimizer, scheduler, step, output_dir)
+
+    seconds = time.perf_counter() - started
+    if val_after is not None:
+        before = f"{val_before:.4f} -> " if val_before is not None else ""
+        console.print(f"validation loss: {before}{val_after:.4f}")
+    save_model(model, tokenizer, config, output_dir / "final")
+    if tensorboard:
+        tensorboard.close()
+    result = TrainResult(
+        output_dir=str(output_dir), steps=total_steps, final_train_loss=last_loss, val_loss_before=val_before,
+        val_loss_after=val_after, seconds=round(seconds, 2),
+        tokens_per_second=round(input_tokens_done / seconds, 2) if seconds > 0 else 0.0,
+    )
+    (output_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
+    console.print(f"saved {output_dir / 'final'} ({total_steps - start_step} steps in {seconds:.0f}s)")
+    return result
+
+
+def _tensorboard(output_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(output_dir / "tensorboard"))
