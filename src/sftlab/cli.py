@@ -51,12 +51,16 @@ def models_list() -> None:
     """List registered offline models and whether they are installed and pulled."""
     from sftlab.models.registry import REGISTRY, cached_model_dir, is_installed, is_pulled
 
-    table = Table("name", "description", "license", "installed", "pulled", title="sftlab models")
+    table = Table(title="sftlab models")
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("pulled", no_wrap=True)
+    table.add_column("license", no_wrap=True)
+    table.add_column("description")
     for name, entry in REGISTRY.items():
-        table.add_row(name, entry.description, entry.license,
-                      "yes" if is_installed(name) else f"no ({entry.install})",
-                      str(cached_model_dir(name)) if is_pulled(name) else "no")
+        pulled = "yes" if is_pulled(name) else "no" if is_installed(name) else f"no; first: {entry.install}"
+        table.add_row(name, pulled, entry.license, entry.description)
     console.print(table)
+    console.print(f"cache: {cached_model_dir('x').parent}  (set SFTLAB_HOME to move it)", highlight=False)
 
 
 @models_app.command("pull")
@@ -98,17 +102,30 @@ def config_cmd(
 
 
 def _print_report(report: dict) -> None:
-    table = Table("file", "split", "read", "kept", "dropped", "truncated", "tokens", "trained", "length p50/p90/max",
-                  title="data report")
-    for r in report["sources"] + [report["total"]]:
-        pct = r["length_percentiles"]
-        table.add_row(
-            Path(r["path"]).name, r["split"], str(r["rows_read"]), str(r["rows_kept"]),
-            ", ".join(f"{k}: {v}" for k, v in r["dropped_by_reason"].items()) or "0",
-            str(r["rows_truncated"]), f"{r['tokens']:,}", f"{r['trained_tokens']:,}",
-            f"{pct.get('p50', '-')}/{pct.get('p90', '-')}/{pct.get('max', '-')}" if pct else "-",
-        )
+    sources = report["sources"] + [report["total"]]
+    table = Table(title="data report")
+    table.add_column("", no_wrap=True, style="bold")
+    for r in sources:
+        header = "total" if r["split"] == "all" else f"{Path(r['path']).name} ({r['split']})"
+        table.add_column(header, justify="right", overflow="fold")
+
+    def pct(r: dict, key: str) -> str:
+        p = r[key]
+        return f"{p['p50']} / {p['p90']} / {p['max']}" if p else "-"
+
+    lines = [
+        ("rows read", lambda r: f"{r['rows_read']:,}"), ("rows kept", lambda r: f"{r['rows_kept']:,}"),
+        ("rows dropped", lambda r: f"{r['rows_dropped']:,}"), ("rows truncated", lambda r: f"{r['rows_truncated']:,}"),
+        ("tokens", lambda r: f"{r['tokens']:,}"), ("trained tokens", lambda r: f"{r['trained_tokens']:,}"),
+        ("length p50/p90/max", lambda r: pct(r, "length_percentiles")),
+        ("trained p50/p90/max", lambda r: pct(r, "trained_length_percentiles")),
+    ]
+    for label, cell in lines:
+        table.add_row(label, *(cell(r) for r in sources))
     console.print(table)
+    dropped = report["total"]["dropped_by_reason"]
+    if dropped:
+        console.print("dropped by reason: " + ", ".join(f"{k}: {v}" for k, v in dropped.items()), highlight=False)
     split = report["split"]
     console.print(f"split: {split['train_rows']} train / {split['val_rows']} validation rows")
 
@@ -211,6 +228,10 @@ def generate_cmd(
 
 
 def main() -> None:
+    # transformers draws a tqdm bar for every weight load; sftlab shows its own progress
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     app()
 
 

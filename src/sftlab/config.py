@@ -132,7 +132,9 @@ def _check_unknown_keys(raw: dict, model: type[BaseModel], where: str, prefix: s
     for key, value in raw.items():
         if key not in model.model_fields:
             valid = list(model.model_fields)
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5) or [
+                v for v in valid if str(key).startswith(v) or v.startswith(str(key))
+            ]
             hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(
                 f"{where}: unknown config key '{prefix}{key}'.{hint} "

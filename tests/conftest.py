@@ -1,0 +1,54 @@
+"""Shared fixtures: the real SmolLM2 tokenizer, and a tiny randomly initialised model built on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sftlab.models.convert import pull
+from sftlab.models.loading import load_tokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real default model, converted once into the cache (~25 s the first time)."""
+    return pull(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    return load_tokenizer(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer Llama with SmolLM2's real tokenizer and random weights: a real model, fast on CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_json(path: Path, rows) -> Path:
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,61 @@
+"""The run config: defaults, overrides, unknown keys, path resolution."""
+
+import pytest
+import yaml
+
+from sftlab.config import ConfigError, RunConfig, describe_keys, load_config, save_config
+
+
+def test_sft_defaults_are_small_learning_rates_and_few_epochs():
+    assert load_config().resolved_learning_rate == 2e-5
+    assert load_config(overrides=["method=lora"]).resolved_learning_rate == 2e-4
+    assert 1 <= RunConfig().num_epochs <= 3
+    assert RunConfig().lr_scheduler == "cosine"
+
+
+def test_every_key_has_a_meaning():
+    keys = describe_keys()
+    assert {"model", "data", "lora.r", "lora.target_modules", "max_steps", "save_steps"} <= {k for k, _, _ in keys}
+    assert all(meaning for _, _, meaning in keys)
+
+
+def test_set_overrides_nested_keys_with_typed_values(tmp_path):
+    cfg = load_config(overrides=["lora.r=8", "learning_rate=1e-4", "max_steps=7", "lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.lora.r == 8
+    assert cfg.learning_rate == 1e-4
+    assert cfg.max_steps == 7
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_key_is_named_with_the_closest_valid_one(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learnig_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'learnig_rate'.*Did you mean 'learning_rate'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="'lora.rank'.*Did you mean 'lora.r'"):
+        load_config(overrides=["lora.rank=4"])
+
+
+def test_invalid_value_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="method"):
+        load_config(overrides=["method=qlora"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(overrides=["batch_size=0"])
+
+
+def test_data_accepts_plain_paths_relative_to_the_config_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "run.yaml"
+    path.write_text("data: train.json\neval_data: [held.jsonl]\n")
+    cfg = load_config(path)
+    assert cfg.data[0].path == str(tmp_path / "sub" / "train.json")
+    assert cfg.data[0].format == "alpaca"
+    assert cfg.eval_data[0].path == str(tmp_path / "sub" / "held.jsonl")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(overrides=["method=lora", "seed=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["learning_rate"] == 2e-4 and saved["seed"] == 3
+    assert load_config(tmp_path / "config.yaml").seed == 3

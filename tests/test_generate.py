@@ -1,0 +1,36 @@
+"""Generation uses the run's template and stops at the EOS the template trained."""
+
+import json
+
+from sftlab.config import load_config
+from sftlab.infer.generate import Generator
+from sftlab.train.loop import train
+from conftest import write_json
+
+
+def test_a_trained_eos_stops_generation(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "one.json", [{"instruction": "Say hi.", "input": "", "output": "Hi there, friend."}])
+    config = load_config(overrides=[
+        f"model={tiny_model_dir}", f"data={data}", f"output_dir={tmp_path / 'run'}", "batch_size=1",
+        "max_steps=40", "learning_rate=1e-2", "warmup_ratio=0", "lr_scheduler=constant",
+    ])
+    train(config)
+    generator = Generator.load(str(tmp_path / "run"))
+    assert generator.template_name == "alpaca"
+    # exactly the response: without a trained EOS the model would run on to max_new_tokens
+    assert generator.generate([("Say hi.", "")], max_new_tokens=40) == ["Hi there, friend."]
+
+
+def test_batched_left_padded_generation_matches_one_at_a_time(tiny_model_dir):
+    generator = Generator.load(str(tiny_model_dir))
+    prompts = [("Name a colour.", ""), ("Translate the sentence into French, please, and keep it short.", "I like tea.")]
+    together = generator.generate(prompts, max_new_tokens=8, batch_size=2)
+    alone = [generator.generate([p], max_new_tokens=8)[0] for p in prompts]
+    assert together == alone
+
+
+def test_run_info_records_the_template(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "d.json", [{"instruction": "Say hi.", "input": "", "output": "Hi."}])
+    train(load_config(overrides=[f"model={tiny_model_dir}", f"data={data}", f"output_dir={tmp_path / 'run'}", "max_steps=1"]))
+    info = json.loads((tmp_path / "run" / "final" / "sftlab.json").read_text())
+    assert info["template"] == "alpaca" and info["method"] == "full" and info["base_model"] == str(tiny_model_dir)

@@ -1,0 +1,93 @@
+"""Exact loss masks: which tokens are -100, with the real SmolLM2 tokenizer (where pad == eos)."""
+
+import pytest
+
+from sftlab.config import load_config
+from sftlab.data.batching import collate
+from sftlab.data.formats import alpaca_to_conversation
+from sftlab.data.prepare import prepare_data
+from sftlab.data.readers import RawRow
+from sftlab.data.templates import AlpacaTemplate
+from sftlab.data.tokenize import IGNORE_INDEX, tokenize_rendered
+from conftest import write_json
+
+
+def _example(tokenizer, row, max_length=512):
+    template = AlpacaTemplate(tokenizer.eos_token)
+    conversation = alpaca_to_conversation(RawRow(row, "test[0]"))
+    rendered = template.render(conversation)
+    return template, conversation, tokenize_rendered(tokenizer, [rendered], ["test[0]"], max_length)[0]
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"instruction": "Name a primary colour.", "input": "", "output": "Red is a primary colour."},
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    ],
+    ids=["without-input", "with-input"],
+)
+def test_labels_are_minus_100_on_the_prompt_and_the_response_ids_plus_eos_after(tokenizer, row):
+    template, conversation, example = _example(tokenizer, row)
+    prompt_ids = tokenizer(template.render_prompt(conversation))["input_ids"]
+    response_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+    assert list(example.labels) == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id]
+    assert list(example.input_ids) == prompt_ids + response_ids + [tokenizer.eos_token_id]
+    trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == row["output"] + tokenizer.eos_token
+
+
+def test_inference_prompt_tokens_equal_the_training_prompt_tokens(tokenizer):
+    template, conversation, example = _example(
+        tokenizer, {"instruction": "Sort the list.", "input": "3, 1, 2", "output": "1, 2, 3"}
+    )
+    first_trained = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    assert tokenizer(template.render_prompt(conversation))["input_ids"] == list(example.input_ids[:first_trained])
+    assert not example.boundary_merged
+
+
+def test_pad_equal_to_eos_does_not_mask_the_eos_label(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # SmolLM2: the case that breaks other tools
+    _, _, long = _example(tokenizer, {"instruction": "Count to five.", "input": "", "output": "1, 2, 3, 4, 5"})
+    _, _, short = _example(tokenizer, {"instruction": "Say yes.", "input": "", "output": "Yes."})
+    batch = collate([long, short], tokenizer.pad_token_id)
+    n_short = len(short)
+    assert batch["labels"][1, n_short - 1] == tokenizer.eos_token_id  # the real EOS is trained
+    assert (batch["labels"][1, n_short:] == IGNORE_INDEX).all()  # the padding (same id) is not
+    assert (batch["input_ids"][1, n_short:] == tokenizer.eos_token_id).all()
+    assert batch["attention_mask"][1].sum() == n_short
+
+
+def test_truncation_inside_the_response_keeps_the_row_and_marks_it(tokenizer):
+    template, conversation, full = _example(tokenizer, {"instruction": "List numbers.", "input": "", "output": "one two three four five six"})
+    prompt_len = len(tokenizer(template.render_prompt(conversation))["input_ids"])
+    _, _, cut = _example(tokenizer, {"instruction": "List numbers.", "input": "", "output": "one two three four five six"}, max_length=prompt_len + 2)
+    assert cut.truncated and len(cut) == prompt_len + 2
+    assert list(cut.labels) == list(full.labels[: prompt_len + 2])
+    assert cut.labels[-1] != tokenizer.eos_token_id  # the EOS was cut away
+    assert cut.trained_token_count == 2
+
+
+def test_a_response_cut_away_entirely_is_dropped_and_counted(tokenizer, tmp_path):
+    rows = [
+        {"instruction": "Short.", "input": "", "output": "Fine."},
+        {"instruction": "Summarise the text.", "input": "word " * 300, "output": "A summary."},
+    ]
+    config = load_config(overrides=[f"data={write_json(tmp_path / 'd.json', rows)}", "max_length=64"])
+    data = prepare_data(config, tokenizer)
+    assert [e.source for e in data.train] == [f"{tmp_path / 'd.json'}[0]"]
+    assert data.report["total"]["dropped_by_reason"] == {"response_truncated_away": 1}
+    assert data.report["sources"][0]["rows_read"] == 2
+    assert data.dropped[0].source.endswith("d.json[1]")
+
+
+def test_data_report_counts_tokens_and_trained_tokens(tokenizer, tmp_path):
+    rows = [{"instruction": "Say yes.", "input": "", "output": "Yes."}, {"instruction": "Say no.", "input": "", "output": "No."}]
+    config = load_config(overrides=[f"data={write_json(tmp_path / 'd.json', rows)}", "val_fraction=0.5"])
+    data = prepare_data(config, tokenizer)
+    total = data.report["total"]
+    assert total["tokens"] == sum(len(e) for e in data.train + data.val)
+    assert total["trained_tokens"] == sum(e.trained_token_count for e in data.train + data.val)
+    assert total["trained_tokens"] == len(tokenizer("Yes.", add_special_tokens=False)["input_ids"]) + len(
+        tokenizer("No.", add_special_tokens=False)["input_ids"]) + 2  # + one EOS each
+    assert (len(data.train), len(data.val)) == (1, 1)
