@@ -52,3 +52,9 @@ def write_json(path: Path, rows) -> Path:
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    """Gemma 3's real tokenizer (adds a BOS; 262k vocabulary). Pulls gemma3-270m once (~60 s)."""
+    return load_tokenizer(str(pull("gemma3-270m")))

@@ -91,3 +91,14 @@ def test_data_report_counts_tokens_and_trained_tokens(tokenizer, tmp_path):
     assert total["trained_tokens"] == len(tokenizer("Yes.", add_special_tokens=False)["input_ids"]) + len(
         tokenizer("No.", add_special_tokens=False)["input_ids"]) + 2  # + one EOS each
     assert (len(data.train), len(data.val)) == (1, 1)
+
+
+def test_gemma_masks_exactly_and_keeps_its_bos(gemma_tokenizer):
+    tokenizer = gemma_tokenizer
+    row = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}
+    template, conversation, example = _example(tokenizer, row)
+    prompt_ids = tokenizer(template.render_prompt(conversation))["input_ids"]
+    assert prompt_ids[0] == tokenizer.bos_token_id  # Gemma adds a BOS, at training as at inference
+    response_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+    assert list(example.input_ids) == prompt_ids + response_ids + [tokenizer.eos_token_id]
+    assert list(example.labels) == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id]
