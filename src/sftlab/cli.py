@@ -227,6 +227,16 @@ def generate_cmd(
     console.print(response, highlight=False, markup=False)
 
 
+# Verbs of the other stages live beside their code; each module exposes register(app).
+STAGE_COMMANDS = ("sftlab.eval.commands", "sftlab.infer.commands", "sftlab.selfinstruct.commands")
+for _module in STAGE_COMMANDS:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(_module.rsplit(".", 1)[0]) and importlib.util.find_spec(_module):
+        importlib.import_module(_module).register(app)
+
+
 def main() -> None:
     # transformers draws a tqdm bar for every weight load; sftlab shows its own progress
     from transformers.utils import logging as hf_logging
