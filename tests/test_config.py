@@ -49,7 +49,7 @@ def test_data_accepts_plain_paths_relative_to_the_config_file(tmp_path):
     path.write_text("data: train.json\neval_data: [held.jsonl]\n")
     cfg = load_config(path)
     assert cfg.data[0].path == str(tmp_path / "sub" / "train.json")
-    assert cfg.data[0].format == "alpaca"
+    assert cfg.data[0].format == "auto"  # detected from the fields when read
     assert cfg.eval_data[0].path == str(tmp_path / "sub" / "held.jsonl")
 
 

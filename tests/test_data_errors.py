@@ -63,10 +63,10 @@ def test_empty_output_is_an_error_not_a_silent_drop(tmp_path):
 
 def test_skip_counts_each_bad_row_under_its_reason(tmp_path):
     rows = [GOOD, {"instruction": "x"}, {"instruction": "x", "output": ["a"]}, {"instruction": "x", "output": ""}, "text", GOOD]
-    conversations, dropped, rows_read = _load(write_json(tmp_path / "d.json", rows), on_error="skip")
+    conversations, dropped, rows_read, _ = _load(write_json(tmp_path / "d.json", rows), on_error="skip")
     assert rows_read == 6 and len(conversations) == 2
     assert [(d.source.split("[")[1], d.reason) for d in dropped] == [
-        ("1]", "missing_output"), ("2]", "non_string_output"), ("3]", "empty_output"), ("4]", "not_an_object"),
+        ("1]", "missing_output"), ("2]", "non_string_output"), ("3]", "empty_response"), ("4]", "not_an_object"),
     ]
 
 

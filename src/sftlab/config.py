@@ -32,9 +32,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+FORMAT_NAMES = Literal["auto", "alpaca", "dolly", "openorca", "sharegpt", "openai", "prompt_completion", "text"]
+
+
 class DataSource(_Strict):
-    path: str = Field(description="a .json (list) or .jsonl file")
-    format: Literal["alpaca"] = Field("alpaca", description="the row format of the file")
+    path: str = Field(
+        description="a .json/.jsonl/.csv/.parquet file (optionally .gz/.zst), a datasets folder, or hf:owner/name"
+    )
+    format: FORMAT_NAMES = Field("auto", description="row format; auto detects it from the fields of the first row")
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="field map, e.g. {instruction: question, output: answer}"
+    )
+    split: str = Field("train", description="split of a Hugging Face dataset")
+    weight: float = Field(1.0, gt=0, description="sampling weight in a mix: 0.5 takes half the rows, 2 repeats them")
+    max_rows: int | None = Field(None, gt=0, description="cap on rows taken from this source (a seeded sample)")
 
 
 class LoraSettings(_Strict):
@@ -61,7 +72,17 @@ class RunConfig(_Strict):
     val_fraction: float = Field(
         0.0, ge=0, lt=1, description="share of training rows held out for validation when eval_data is empty"
     )
-    template: Literal["alpaca"] = Field("alpaca", description="prompt template used to train and at inference")
+    template: str = Field(
+        "alpaca", description="prompt template: alpaca, chatml, tokenizer (the model's own), or a .jinja file"
+    )
+    train_on: Literal["assistant", "last", "all"] = Field(
+        "assistant", description="which tokens carry loss: every assistant turn, the last one, or all tokens"
+    )
+    drop_leading_assistant: bool = Field(False, description="repair: drop assistant turns before the first user turn")
+    merge_consecutive_roles: bool = Field(False, description="repair: join consecutive turns of the same role")
+    drop_trailing_user: bool = Field(False, description="repair: drop unanswered user turns at the end")
+    drop_duplicates: bool = Field(False, description="drop exact duplicate conversations (always counted)")
+    cache: bool = Field(True, description="reuse tokenized data keyed by data, tokenizer, template and max_length")
     max_length: int = Field(512, gt=8, description="longest example in tokens; longer ones are truncated")
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="malformed rows: 'raise' stops with the location, 'skip' drops and counts them"
@@ -125,6 +146,8 @@ def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[
         if isinstance(default, list):
             default = [d.model_dump() if isinstance(d, BaseModel) else d for d in default]
         rows.append((prefix + name, default, field.description or ""))
+        if model is RunConfig and name == "data":
+            rows += describe_keys(DataSource, "data[].")
     return rows
 
 
@@ -143,6 +166,10 @@ def _check_unknown_keys(raw: dict, model: type[BaseModel], where: str, prefix: s
         annotation = model.model_fields[key].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
             _check_unknown_keys(value, annotation, where, prefix + key + ".")
+        if model is RunConfig and key in ("data", "eval_data") and isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, dict):
+                    _check_unknown_keys(item, DataSource, where, f"{key}[{index}].")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -166,6 +193,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _resolve_data_paths(raw: dict, base: Path) -> None:
+    template = raw.get("template")
+    if isinstance(template, str) and template.endswith((".jinja", ".j2")) and not Path(template).is_absolute():
+        raw["template"] = str(base / template)
     for key in ("data", "eval_data"):
         value = raw.get(key)
         if value is None:
@@ -174,7 +204,7 @@ def _resolve_data_paths(raw: dict, base: Path) -> None:
         resolved = []
         for item in items:
             entry = {"path": item} if isinstance(item, str) else dict(item) if isinstance(item, dict) else item
-            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str) and not entry["path"].startswith("hf:"):
                 path = Path(entry["path"]).expanduser()
                 if not path.is_absolute():
                     entry["path"] = str(base / path)

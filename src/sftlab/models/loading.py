@@ -53,7 +53,10 @@ def find_checkpoint(path: str | Path) -> Path | None:
 
 
 def read_run_info(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / RUN_INFO_FILE).read_text())
+    info = json.loads((checkpoint / RUN_INFO_FILE).read_text())
+    if str(info.get("template", "")).endswith((".jinja", ".j2")):  # a custom template saved beside the model
+        info["template"] = str(checkpoint / info["template"])
+    return info
 
 
 def load_for_inference(model_or_run: str, device: torch.device | None = None):

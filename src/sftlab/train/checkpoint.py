@@ -16,12 +16,14 @@ from sftlab.config import RunConfig
 from sftlab.models.loading import RUN_INFO_FILE
 
 TRAINER_STATE_FILE = "trainer_state.pt"
+TEMPLATE_COPY = "sftlab_template.jinja"
 
 
 def run_info(config: RunConfig, tokenizer) -> dict:
     return {
         "sftlab_version": __version__,
         "template": config.template,
+        "train_on": config.train_on,
         "base_model": config.model,
         "method": config.method,
         "max_length": config.max_length,
@@ -33,7 +35,13 @@ def save_model(model, tokenizer, config: RunConfig, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    (folder / RUN_INFO_FILE).write_text(json.dumps(run_info(config, tokenizer), indent=2))
+    info = run_info(config, tokenizer)
+    template_file = Path(config.template)
+    if config.template.endswith((".jinja", ".j2")) and template_file.is_file():
+        # a custom template travels with the model, so inference renders exactly what training did
+        (folder / TEMPLATE_COPY).write_text(template_file.read_text())
+        info["template"] = TEMPLATE_COPY
+    (folder / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
 
 
 def save_checkpoint(model, tokenizer, config, optimizer, scheduler, step: int, output_dir: Path) -> Path:

@@ -98,6 +98,7 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
         f"data: {len(data.train)} train / {len(data.val)} validation rows, "
         f"{data.report['split']['train_trained_tokens']:,} trained tokens, "
         f"{data.report['total']['rows_dropped']} dropped, {data.report['total']['rows_truncated']} truncated"
+        + (" (tokenized data from the cache)" if data.report.get("cache") == "hit" else "")
     )
 
     checkpoints = list_checkpoints(output_dir) if resume else []
