@@ -102,3 +102,25 @@ def test_gemma_masks_exactly_and_keeps_its_bos(gemma_tokenizer):
     response_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
     assert list(example.input_ids) == prompt_ids + response_ids + [tokenizer.eos_token_id]
     assert list(example.labels) == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id]
+
+
+def test_boundary_lookup_equals_the_every_offset_reference(tokenizer):
+    import numpy as np
+
+    from sftlab.data.templates import Rendered
+    from sftlab.data.tokenize import _labels_from_offsets, _mask
+
+    texts = [
+        ("### Response:\n\n\nCafé ☕ naïve — déjà vu<|im_end|>", 14),  # "\n\n\n" straddles the boundary
+        ("Q: 2+2?\nA:4<|im_end|>\nQ: and 3+3?\nA: 6<|im_end|>", 10),
+        ("日本語のテキスト。答え：はい<|im_end|>", 9),
+    ]
+    rendered = [Rendered(t, ((start, len(t)),)) for t, start in texts]
+    rendered.append(Rendered(texts[1][0], ((10, 22), (36, len(texts[1][0])))))
+    fast = _mask(tokenizer, [r.text for r in rendered], [r.trained_spans for r in rendered])
+    encoded = tokenizer([r.text for r in rendered], return_offsets_mapping=True)
+    for (ids, trained, merged), offsets, r in zip(fast, encoded["offset_mapping"], rendered):
+        reference, reference_merged = _labels_from_offsets(ids, np.asarray(offsets).reshape(-1, 2), r.trained_spans)
+        assert trained.tolist() == reference.tolist()
+        assert merged == reference_merged
+    assert fast[0][2] is True  # the straddling newline token is detected

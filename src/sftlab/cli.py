@@ -103,6 +103,17 @@ def config_cmd(
 
 def _print_report(report: dict) -> None:
     sources = report["sources"] + [report["total"]]
+    if len(report["sources"]) > 2:  # one line per source, then the full audit of the total
+        per_source = Table(title="sources")
+        per_source.add_column("file", overflow="fold", min_width=14)
+        for name in ("format", "read", "kept", "dropped", "trunc.", "trained"):
+            per_source.add_column(name, no_wrap=name != "format", justify="left" if name == "format" else "right")
+        for r in report["sources"]:
+            name = Path(r["path"]).name + (" (val)" if r["split"] == "val" else "")
+            per_source.add_row(name, r["format"], f"{r['rows_read']:,}", f"{r['rows_kept']:,}",
+                               f"{r['rows_dropped']:,}", f"{r['rows_truncated']:,}", f"{r['trained_tokens']:,}")
+        console.print(per_source)
+        sources = [report["total"]]
     table = Table(title="data report")
     table.add_column("", no_wrap=True, style="bold")
     for r in sources:
@@ -116,9 +127,15 @@ def _print_report(report: dict) -> None:
     lines = [
         ("rows read", lambda r: f"{r['rows_read']:,}"), ("rows kept", lambda r: f"{r['rows_kept']:,}"),
         ("rows dropped", lambda r: f"{r['rows_dropped']:,}"), ("rows truncated", lambda r: f"{r['rows_truncated']:,}"),
+        ("  lost end token", lambda r: f"{r['rows_truncated_lost_end_token']:,}"),
         ("tokens", lambda r: f"{r['tokens']:,}"), ("trained tokens", lambda r: f"{r['trained_tokens']:,}"),
         ("length p50/p90/max", lambda r: pct(r, "length_percentiles")),
         ("trained p50/p90/max", lambda r: pct(r, "trained_length_percentiles")),
+    ]
+    lines += [
+        ("duplicate rows", lambda r: f"{r['duplicate_rows']:,}"),
+        ("prompt p50/p90/max", lambda r: pct(r, "prompt_length_percentiles")),
+        ("turns p50/max", lambda r: f"{r['turns_percentiles'].get('p50', '-')} / {r['turns_percentiles'].get('max', '-')}"),
     ]
     for label, cell in lines:
         table.add_row(label, *(cell(r) for r in sources))
@@ -127,7 +144,10 @@ def _print_report(report: dict) -> None:
     if dropped:
         console.print("dropped by reason: " + ", ".join(f"{k}: {v}" for k, v in dropped.items()), highlight=False)
     split = report["split"]
-    console.print(f"split: {split['train_rows']} train / {split['val_rows']} validation rows")
+    console.print(f"split: {split['train_rows']} train / {split['val_rows']} validation rows; "
+                  f"template {report['template']}, train_on {report['train_on']}", highlight=False)
+    if report.get("cache") == "hit":
+        console.print(f"tokenized data reused from the cache ({report['cache_key']})", highlight=False)
 
 
 @app.command("prepare")
@@ -152,12 +172,14 @@ def inspect_cmd(
     n: int = typer.Option(3, "-n", help="how many examples to show"),
     row: Optional[int] = typer.Option(None, help="show this training example (0-based) instead"),
     random_rows: bool = typer.Option(False, "--random", help="pick examples at random (seeded by the config)"),
+    where: Optional[str] = typer.Option(
+        None, help="show dropped rows instead: 'dropped' or 'dropped:REASON' (reasons are in the data report)"),
     html_path: Optional[Path] = typer.Option(None, "--html", help="HTML file to write (default OUTPUT_DIR/inspect.html)"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Show training examples with the trained tokens highlighted (terminal + HTML).
+    """Show training examples with the trained tokens highlighted (terminal + HTML), or dropped rows.
 
-    Example: sftlab inspect examples/demo.yaml -n 3
+    Example: sftlab inspect examples/demo.yaml -n 3   |   sftlab inspect run.yaml --where dropped:unknown_role
     """
     from sftlab.api import prepare
     from sftlab.data.inspect import to_rich, write_html
@@ -167,6 +189,18 @@ def inspect_cmd(
     data = _run(lambda: prepare(cfg))
     tokenizer = load_tokenizer(cfg.model)
     examples = data.train
+    if where is not None:
+        kind, _, reason = where.partition(":")
+        if kind != "dropped":
+            _fail(f"--where {where}: expected 'dropped' or 'dropped:REASON'")
+        rows = [d for d in data.dropped if not reason or d.reason == reason][:n]
+        reasons = sorted({d.reason for d in data.dropped})
+        if not rows:
+            _fail(f"--where {where}: no dropped rows match (reasons in this data: {', '.join(reasons) or 'none'})")
+        for d in rows:
+            console.rule(f"{d.source}  ·  dropped: {d.reason}")
+            console.print(d.detail, highlight=False, markup=False)
+        return
     if row is not None:
         if not 0 <= row < len(examples):
             _fail(f"--row {row}: the training set has rows 0..{len(examples) - 1}")

@@ -42,15 +42,54 @@ class Dropped:
     detail: str = ""
 
 
-def _encode(tokenizer, texts: list[str]):
-    """(ids, offsets) per text with the tokenizer's own special tokens (BOS exactly when it adds one)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    if backend is not None:  # the Rust tokenizer directly: no Python-side conversion of every token
-        encodings = backend.encode_batch(texts, add_special_tokens=True)
-        return [(np.asarray(e.ids, dtype=np.int32), np.asarray(e.offsets, dtype=np.int32).reshape(-1, 2)) for e in encodings]
-    encoded = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
-    return [(np.asarray(i, dtype=np.int32), np.asarray(o, dtype=np.int32).reshape(-1, 2))
-            for i, o in zip(encoded["input_ids"], encoded["offset_mapping"])]
+def _span_tokens(encoding, span_start: int, span_end: int) -> tuple[int, int, bool] | None:
+    """[first, last) token indices whose first character lies in [span_start, span_end), and
+    whether a token straddles span_start; None when the encoding cannot map the characters."""
+    first = encoding.char_to_token(span_start)
+    last = encoding.char_to_token(span_end - 1)
+    if first is None or last is None:
+        return None
+    first_start = encoding.token_to_chars(first)[0]
+    straddles = first_start < span_start
+    return (first + 1 if straddles else first), last + 1, straddles
+
+
+def _labels_from_offsets(ids: np.ndarray, offsets: np.ndarray, spans) -> tuple[np.ndarray, bool]:
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    trained = np.zeros(len(ids), dtype=bool)
+    merged = False
+    for span_start, span_end in spans:
+        trained |= (starts >= span_start) & (starts < span_end)
+        merged |= bool(np.any((starts < span_start) & (ends > span_start)))
+    return trained, merged
+
+
+def _mask(tokenizer, texts: list[str], spans_per_text) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """(ids, trained mask, merged) per text, with the tokenizer's own special tokens (BOS exactly
+    when it adds one). Only the tokens at span boundaries are looked up, through the Rust
+    encoding, instead of converting every token's offsets to Python."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    out = []
+    if backend is None:  # a slow tokenizer: offsets through the Python API
+        encoded = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
+        for ids, offsets, spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans_per_text):
+            ids = np.asarray(ids, dtype=np.int32)
+            out.append((ids, *_labels_from_offsets(ids, np.asarray(offsets, dtype=np.int64).reshape(-1, 2), spans)))
+        return out
+    for encoding, spans in zip(backend.encode_batch(texts, add_special_tokens=True), spans_per_text):
+        ids = np.asarray(encoding.ids, dtype=np.int32)
+        trained = np.zeros(len(ids), dtype=bool)
+        merged = False
+        for span_start, span_end in spans:
+            found = _span_tokens(encoding, span_start, span_end)
+            if found is None:  # characters no token covers: fall back to every offset
+                trained, merged = _labels_from_offsets(ids, np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2), spans)
+                break
+            first, last, straddles = found
+            trained[first:last] = True
+            merged |= straddles
+        out.append((ids, trained, merged))
+    return out
 
 
 def tokenize_rendered(tokenizer, rendered: list[Rendered], sources: list[str], max_length: int) -> list[Example | Dropped]:
@@ -60,13 +99,8 @@ def tokenize_rendered(tokenizer, rendered: list[Rendered], sources: list[str], m
     empty loss); a row cut inside a response is kept and marked (it lost its end token).
     """
     results: list[Example | Dropped] = []
-    for item, source, (ids, offsets) in zip(rendered, sources, _encode(tokenizer, [r.text for r in rendered])):
-        starts, ends = offsets[:, 0], offsets[:, 1]
-        trained = np.zeros(len(ids), dtype=bool)
-        merged = False
-        for span_start, span_end in item.trained_spans:
-            trained |= (starts >= span_start) & (starts < span_end)
-            merged |= bool(np.any((starts < span_start) & (ends > span_start)))
+    masks = _mask(tokenizer, [r.text for r in rendered], [r.trained_spans for r in rendered])
+    for source, (ids, trained, merged) in zip(sources, masks):
         labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
         if not trained[1:].any():
             results.append(Dropped(source, "no_trained_tokens", "the rendered example has no trained token"))
