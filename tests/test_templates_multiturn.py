@@ -106,3 +106,25 @@ def test_chatml_refuses_a_tokenizer_without_im_end(gemma_tokenizer):
 
     with pytest.raises(TemplateError, match="needs <\\|im_end\\|>"):
         get_template("chatml", gemma_tokenizer)
+
+
+def test_a_run_saves_its_custom_template_and_passes_the_check_on_reload(tiny_model_dir, tmp_path):
+    import json
+
+    from sftlab.config import load_config
+    from sftlab.infer.generate import Generator
+    from sftlab.train.loop import train
+
+    custom = tmp_path / "my.jinja"
+    custom.write_text(
+        "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    config = load_config(overrides=[f"model={tiny_model_dir}", f"data={FORMATS / 'openai.jsonl'}",
+                                    f"template={custom}", "on_error=skip", "max_steps=1", f"output_dir={tmp_path / 'run'}"])
+    train(config)
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "sftlab.json").read_text())["template"] == "sftlab_template.jinja"
+    custom.unlink()  # the run no longer needs the original file
+    generator = Generator.load(str(tmp_path / "run"))
+    assert generator.prompt_text("Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

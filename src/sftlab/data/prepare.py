@@ -20,14 +20,14 @@ from typing import NamedTuple
 import numpy as np
 
 from sftlab.config import DataSource, RunConfig
-from sftlab.data.formats import FORMATS, Conversation, FormatOptions, detect_format
+from sftlab.data.formats import FORMATS, Conversation, FormatOptions, Message, detect_format
 from sftlab.data.readers import DataError, read_rows
 from sftlab.data.templates import check_consistency, get_template, template_fingerprint
 from sftlab.data.tokenize import Dropped, Example, tokenize_rendered
 
 TOKENIZE_BATCH = 256  # the fast tokenizer is much quicker on batches than on single texts
 CONSISTENCY_SAMPLE = 8  # rows per source whose inference prompts are checked token by token
-CACHE_FORMAT = 3  # bump when the cached layout or the preparation logic changes
+CACHE_FORMAT = 4  # bump when the cached layout or the preparation logic changes
 
 
 def _format_options(config: RunConfig, source: DataSource) -> FormatOptions:
@@ -140,6 +140,7 @@ class PreparedData:
     val: list[Example]
     dropped: list[Dropped]
     report: dict
+    samples: list[Conversation] = field(default_factory=list)  # rows for the train/inference check
 
     def save_report(self, output_dir: str | Path) -> Path:
         path = Path(output_dir) / "data_report.json"
@@ -248,7 +249,8 @@ def _save_cache(folder: Path, data: PreparedData) -> None:
     np.savez(tmp / "examples.npz", **arrays)
     meta = {"report": data.report, "train_sources": [e.source for e in data.train],
             "val_sources": [e.source for e in data.val],
-            "dropped": [[d.source, d.reason, d.detail] for d in data.dropped]}
+            "dropped": [[d.source, d.reason, d.detail] for d in data.dropped],
+            "samples": [[c.source, [[m.role, m.content, m.trained] for m in c.messages]] for c in data.samples]}
     (tmp / "meta.json").write_text(json.dumps(meta))
     if folder.exists():
         import shutil
@@ -265,7 +267,8 @@ def _load_cache(folder: Path) -> PreparedData | None:
             val = _unpack(arrays, "val", meta["val_sources"])
     except (OSError, ValueError, KeyError):
         return None
-    return PreparedData(train, val, [Dropped(*d) for d in meta["dropped"]], meta["report"])
+    samples = [Conversation(tuple(Message(*m) for m in messages), source) for source, messages in meta["samples"]]
+    return PreparedData(train, val, [Dropped(*d) for d in meta["dropped"]], meta["report"], samples)
 
 
 # -- the stage ---------------------------------------------------------------------------------
@@ -289,6 +292,7 @@ def prepare_data(config: RunConfig, tokenizer, use_cache: bool | None = None) ->
     dropped: list[Dropped] = []
     splits: dict[str, list[Example]] = {"train": [], "val": []}
     seen: set[str] = set()
+    samples: list[Conversation] = []
     rng = random.Random(config.seed)
     sources = [("train", s) for s in config.data] + [("val", s) for s in config.eval_data]
     for split, source in sources:
@@ -313,6 +317,7 @@ def prepare_data(config: RunConfig, tokenizer, use_cache: bool | None = None) ->
         for c in unique[:CONSISTENCY_SAMPLE]:
             if config.train_on != "all" and any(m.role == "assistant" for m in c.messages):
                 check_consistency(template, tokenizer, c, config.train_on)
+                samples.append(c)
         report.add_conversations(unique)
         examples = _tokenize(unique, template, tokenizer, config, report, dropped)
         if split == "train" and not config.eval_data and config.val_fraction > 0 and examples:
@@ -356,7 +361,7 @@ def prepare_data(config: RunConfig, tokenizer, use_cache: bool | None = None) ->
         "cache": "miss" if key else "off",
         "cache_key": key,
     }
-    data = PreparedData(train, val, dropped, report)
+    data = PreparedData(train, val, dropped, report, samples)
     if key is not None:
         _save_cache(_cache_dir(key), data)
     return data

@@ -83,3 +83,17 @@ def load_trainer_state(folder: Path, optimizer, scheduler) -> int:
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     return int(state["step"])
+
+
+def verify_saved_template(folder: Path, samples, train_on: str) -> None:
+    """Load the tokenizer and template from a saved checkpoint exactly as inference will, and
+    check that their prompts tokenize like the training rows (TemplateConsistencyError if not)."""
+    from transformers import AutoTokenizer
+
+    from sftlab.data.templates import check_consistency, get_template
+    from sftlab.models.loading import read_run_info
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    template = get_template(read_run_info(folder)["template"], tokenizer)
+    for conversation in samples:
+        check_consistency(template, tokenizer, conversation, train_on)

@@ -24,7 +24,13 @@ from sftlab.data.batching import batch_order, collate
 from sftlab.data.prepare import prepare_data
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.models.loading import load_causal_lm, load_tokenizer, pick_device
-from sftlab.train.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint, save_model
+from sftlab.train.checkpoint import (
+    list_checkpoints,
+    load_trainer_state,
+    save_checkpoint,
+    save_model,
+    verify_saved_template,
+)
 from sftlab.train.loss import evaluate_loss, token_loss_sum
 
 
@@ -229,6 +235,7 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
         before = f"{val_before:.4f} -> " if val_before is not None else ""
         console.print(f"validation loss: {before}{val_after:.4f}")
     save_model(model, tokenizer, config, output_dir / "final")
+    verify_saved_template(output_dir / "final", data.samples, config.train_on)
     if tensorboard:
         tensorboard.close()
     result = TrainResult(
