@@ -103,6 +103,11 @@ class RunConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to norms and biases)")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables clipping")
     group_by_length: bool = Field(True, description="batch examples of similar length to waste less padding")
+    packing: bool = Field(
+        False, description="pack examples into rows of max_length tokens (no padding); batch_size then counts rows"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower")
+    compile: bool = Field(False, description="torch.compile the model's decoder (dynamic shapes)")
     loss_chunk_size: int = Field(
         1024, gt=0, description="trained positions per chunk of the output layer + loss (bounds logits memory)"
     )

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sftlab.config import RunConfig, save_config
 from sftlab.data.batching import batch_order, collate
+from sftlab.data.packing import collate_packed, packed_batch_order
 from sftlab.data.prepare import prepare_data
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.models.loading import load_causal_lm, load_tokenizer, pick_device
@@ -31,7 +32,7 @@ from sftlab.train.checkpoint import (
     save_model,
     verify_saved_template,
 )
-from sftlab.train.loss import evaluate_loss, token_loss_sum
+from sftlab.train.loss import unwrap_model, evaluate_loss, token_loss_sum
 
 
 @dataclass
@@ -112,13 +113,40 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     if resume and resume_from is None:
         console.print(f"[yellow]no checkpoint in {output_dir} to resume from; starting fresh[/]")
     model = build_model(config, device, resume_from)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.method == "lora":
+            model.enable_input_require_grads()
+    if config.compile:
+        # compile the decoder only: the chunked loss runs outside it, and shapes vary per batch
+        unwrap_model(model).get_decoder().compile(dynamic=True)
     model.train()
     if config.method == "lora":
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         console.print(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
-    micro_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    lengths = [len(e) for e in data.train]
+    epoch_orders: dict[int, list] = {}
+
+    def epoch_order(epoch: int) -> list:
+        # orders are fixed by (seed, epoch), so a resumed run continues with the very batches an
+        # uninterrupted run would have seen
+        if epoch not in epoch_orders:
+            if config.packing:
+                epoch_orders[epoch] = packed_batch_order(lengths, config.max_length, config.batch_size, config.seed, epoch)
+            else:
+                epoch_orders[epoch] = batch_order(lengths, config.batch_size, config.seed, epoch, config.group_by_length)
+        return epoch_orders[epoch]
+
+    def micro_batch(index: int) -> dict[str, torch.Tensor]:
+        epoch, position = divmod(index, micro_per_epoch)
+        if config.packing:
+            rows = epoch_order(epoch)[position]
+            return collate_packed([[data.train[i] for i in row] for row in rows], tokenizer.pad_token_id)
+        return collate([data.train[i] for i in epoch_order(epoch)[position]], tokenizer.pad_token_id)
+
+    micro_per_epoch = len(epoch_order(0))
     steps_per_epoch = max(1, micro_per_epoch // config.gradient_accumulation_steps)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
     optimizer = _optimizer(model, config, device)
@@ -133,17 +161,6 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     start_step = load_trainer_state(resume_from, optimizer, scheduler) if resume_from else 0
     if resume_from:
         console.print(f"resumed from {resume_from} at step {start_step}")
-
-    lengths = [len(e) for e in data.train]
-    epoch_orders: dict[int, list[list[int]]] = {}
-
-    def micro_batch(index: int) -> dict[str, torch.Tensor]:
-        # the global micro-batch index -> its examples; orders are fixed by (seed, epoch), so a
-        # resumed run continues with the very batches an uninterrupted run would have seen
-        epoch, position = divmod(index, micro_per_epoch)
-        if epoch not in epoch_orders:
-            epoch_orders[epoch] = batch_order(lengths, config.batch_size, config.seed, epoch, config.group_by_length)
-        return collate([data.train[i] for i in epoch_orders[epoch][position]], tokenizer.pad_token_id)
 
     val_batches = _eval_batches(data.val, config.batch_size, tokenizer.pad_token_id) if data.val else []
 
@@ -179,11 +196,11 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
             first = (step - 1) * config.gradient_accumulation_steps
             batches = [micro_batch(first + j) for j in range(config.gradient_accumulation_steps)]
             step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            step_input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            step_input_tokens = sum(_real_tokens(b) for b in batches)
             learning_rate = scheduler.get_last_lr()[0]
             loss_sum = torch.zeros((), device=device)
             for batch in batches:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
                 with autocast:
                     summed, _ = token_loss_sum(model, batch, config.loss_chunk_size)
                 (summed / max(step_tokens, 1)).backward()
@@ -246,6 +263,13 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     (output_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
     console.print(f"saved {output_dir / 'final'} ({total_steps - start_step} steps in {seconds:.0f}s)")
     return result
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a batch (padded: the attention mask; packed: the examples' tokens)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["input_ids"].numel())
 
 
 def _tensorboard(output_dir: Path):

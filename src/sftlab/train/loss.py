@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from sftlab.data.tokenize import IGNORE_INDEX
 
 
-def _unwrap(model):
+def unwrap_model(model):
     """The plain transformers model under a peft wrapper (its layers already hold the adapters)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -33,7 +33,7 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 def trained_hidden_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states at positions whose next token is trained, those next tokens)."""
-    lm = _unwrap(model)
+    lm = unwrap_model(model)
     decoder = lm.get_decoder()
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
     if "position_ids" in batch:
@@ -47,7 +47,7 @@ def trained_hidden_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.
 def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
     """(sum of per-token cross-entropy over trained tokens, number of trained tokens)."""
     hidden, targets = trained_hidden_states(model, batch)
-    lm = _unwrap(model)
+    lm = unwrap_model(model)
     weight = lm.get_output_embeddings().weight
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     total = hidden.new_zeros((), dtype=torch.float32)
