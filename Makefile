@@ -30,6 +30,8 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
+	$(PIP) install -q -e '.[bench]'
+	$(PY) bench/prepare_speed.py
 	$(PY) bench/run.py
 
 clean:

@@ -262,7 +262,9 @@ def generate_cmd(
 
 
 # Verbs of the other stages live beside their code; each module exposes register(app).
-STAGE_COMMANDS = ("sftlab.eval.commands", "sftlab.infer.commands", "sftlab.selfinstruct.commands")
+STAGE_COMMANDS = (
+    "sftlab.eval.commands", "sftlab.infer.commands", "sftlab.selfinstruct.commands", "sftlab.quality.commands",
+)
 for _module in STAGE_COMMANDS:
     import importlib
     import importlib.util
