@@ -1,0 +1,329 @@
+"""sftlab vs TRL's SFTTrainer: the same model, rows, max_length, batch, learning rate and steps.
+
+Each trainer runs in its own process so peak memory is its own (VmHWM on CPU,
+torch.cuda.max_memory_allocated on GPU). For each run the bench reports:
+  - trained (non-padding) tokens/s over the timed steps (after `--warmup` untimed steps);
+  - peak memory;
+  - the loss of the same first batch at the same initial weights in both tools (they must
+    agree to 1e-3: both optimise the same objective, prompt masked);
+  - model FLOPs/s (6·N·tokens + the attention term, PaLM appendix B / nanoGPT) against the
+    machine's own measured matmul rate (fp32 on CPU, bf16 on CUDA).
+TRL is run with packing off and on (BFD, padding-free); its faster setting is compared.
+
+    make bench                      # both models, full + LoRA
+    .venv/bin/python bench/run.py --models smollm2-135m-instruct --methods full --steps 4
+    .venv/bin/python bench/run.py --quick --models PATH_TO_TINY_MODEL   # seconds; used by the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT / "bench" / "data" / "chat_pairs.jsonl"
+RESULTS = ROOT / "bench" / "results"
+
+
+# -- shared helpers -------------------------------------------------------------------------------
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measured_matmul_flops(seconds: float = 2.0) -> float:
+    """The machine's own dense matmul rate: fp32 on CPU, bf16 on CUDA."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    n = 8192 if cuda else 1024
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu")
+    b = torch.randn(n, n, dtype=dtype, device=a.device)
+    for _ in range(3):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if cuda:
+        torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def flops_per_token(config, method: str, mean_length: float) -> float:
+    """6·N (full) or 4·N (LoRA: no weight gradients) + 12·L·H·Q·T (attention), N = matmul weights."""
+    hidden = config.hidden_size
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", heads)
+    per_layer = hidden * head_dim * (heads * 2 + kv_heads * 2) + 3 * hidden * config.intermediate_size
+    n_matmul = layers * per_layer + config.vocab_size * hidden  # + the output layer
+    dense = (6 if method == "full" else 4) * n_matmul
+    return dense + 12 * layers * heads * head_dim * mean_length
+
+
+def bench_rows(path: Path, rows: int) -> list[dict]:
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return lines[:rows]
+
+
+def rendered_pairs(rows: list[dict], tokenizer) -> list[tuple[str, str]]:
+    """(prompt text, response) per row, rendered with sftlab's Alpaca template for both tools."""
+    from sftlab.data.formats import FormatOptions, from_openai
+    from sftlab.data.readers import RawRow
+    from sftlab.data.templates import get_template
+
+    template = get_template("alpaca", tokenizer)
+    pairs = []
+    for index, row in enumerate(rows):
+        conversation = from_openai(RawRow(row, f"bench[{index}]"), FormatOptions())
+        pairs.append((template.render_prompt(conversation), conversation.messages[-1].content))
+    return pairs
+
+
+# -- workers (one process each) -------------------------------------------------------------------
+
+def run_sftlab(spec: dict) -> dict:
+    from sftlab.config import load_config
+    from sftlab.train.loop import train
+
+    work = Path(spec["workdir"])
+    data = work / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in bench_rows(Path(spec["data"]), spec["rows"])))
+    overrides = [
+        f"model={spec['model']}", f"data={data}", "template=alpaca", f"max_length={spec['max_length']}",
+        f"method={spec['method']}", f"batch_size={spec['batch']}", f"max_steps={spec['warmup'] + spec['steps']}",
+        f"learning_rate={spec['lr']}", "warmup_ratio=0", "lr_scheduler=constant", f"output_dir={work / 'run'}",
+        "logging_steps=1", "cache=false", f"packing={str(spec['packing']).lower()}", "group_by_length=true",
+        "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "seed=0",
+    ] + spec.get("extra", [])
+    config = load_config(overrides=overrides)
+
+    result = train(config)
+    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "loss" in r]
+    timed = records[spec["warmup"]:]
+    seconds = timed[-1]["elapsed_s"] - records[spec["warmup"] - 1]["elapsed_s"] if spec["warmup"] else timed[-1]["elapsed_s"]
+    tokens = sum(r["input_tokens"] for r in timed)
+    return {"tool": "sftlab", "packing": spec["packing"], "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_memory_mb(),
+            "first_batch_loss": run_worker("sftlab-first-loss", spec)["first_batch_loss"],
+            "final_loss": result.final_train_loss}
+
+
+def run_sftlab_first_loss(spec: dict) -> dict:
+    """sftlab's loss on rows 0..batch-1 (file order) at the initial weights, in its own process."""
+    import torch
+
+    from sftlab.config import load_config
+    from sftlab.data.batching import collate
+    from sftlab.data.prepare import prepare_data
+    from sftlab.models.loading import load_causal_lm, load_tokenizer
+    from sftlab.train.loss import token_loss_sum
+
+    work = Path(spec["workdir"]) / "first-loss"
+    work.mkdir(exist_ok=True)
+    data = work / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in bench_rows(Path(spec["data"]), spec["batch"])))
+    config = load_config(overrides=[f"model={spec['model']}", f"data={data}", "template=alpaca",
+                                    f"max_length={spec['max_length']}", "cache=false"])
+    tokenizer = load_tokenizer(config.model)
+    examples = prepare_data(config, tokenizer, use_cache=False).train  # file order, one batch
+    model = load_causal_lm(config.model)
+    with torch.no_grad():
+        summed, count = token_loss_sum(model, collate(examples, tokenizer.pad_token_id))
+    return {"first_batch_loss": float(summed) / count}
+
+
+def run_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from sftlab.models.registry import resolve_model
+
+    path = resolve_model(spec["model"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pairs = rendered_pairs(bench_rows(Path(spec["data"]), spec["rows"]), tokenizer)
+    dataset = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    peft_config = None
+    if spec["method"] == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(Path(spec["workdir"]) / "trl"), per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        max_steps=spec["warmup"] + spec["steps"], max_length=spec["max_length"], completion_only_loss=True,
+        packing=spec["packing"], packing_strategy="bfd", logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), seed=0, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+
+    # the same first batch (rows 0..batch-1) at the initial weights, through TRL's own collator and loss
+    first = trainer.data_collator([trainer.train_dataset[i] for i in range(spec["batch"])])
+    with torch.no_grad():
+        inputs = {k: v.to(trainer.model.device) if torch.is_tensor(v) else v for k, v in first.items()}
+        first_loss = float(trainer.compute_loss(trainer.model, inputs))
+
+    marks: list[tuple[float, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append((time.perf_counter(), int(state.num_input_tokens_seen)))
+
+    trainer.add_callback(Clock())
+    start = time.perf_counter()
+    trainer.train()
+    t0, n0 = marks[spec["warmup"] - 1] if spec["warmup"] else (start, 0)
+    t1, n1 = marks[-1]
+    return {"tool": "trl", "packing": spec["packing"], "tokens": n1 - n0, "seconds": t1 - t0,
+            "tokens_per_s": (n1 - n0) / (t1 - t0), "peak_memory_mb": peak_memory_mb(), "first_batch_loss": first_loss}
+
+
+def worker_main(tool: str, spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    result = {"sftlab": run_sftlab, "trl": run_trl, "sftlab-first-loss": run_sftlab_first_loss}[tool](spec)
+    print("BENCH_RESULT " + json.dumps(result), flush=True)
+
+
+# -- driver -------------------------------------------------------------------------------------------
+
+def run_worker(tool: str, spec: dict) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", tool, json.dumps(spec)], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    raise RuntimeError(f"{tool} worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def bench_one(model: str, method: str, args, matmul_flops: float) -> dict:
+    from transformers import AutoConfig
+
+    from sftlab.models.loading import load_tokenizer
+    from sftlab.models.registry import resolve_model
+
+    lr = 2e-5 if method == "full" else 2e-4
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {"model": model, "method": method, "data": str(args.data), "rows": args.rows, "max_length": args.max_length,
+                "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr}
+        runs = {}
+        for tool, packing in [("sftlab", args.sftlab_packing), ("trl", False), ("trl", True)]:
+            if tool == "trl" and args.trl_packing != "both" and packing != (args.trl_packing == "on"):
+                continue
+            work = Path(tmp) / f"{tool}-{packing}"
+            work.mkdir()
+            print(f"  {model} {method}: {tool} (packing={packing}) ...", flush=True)
+            runs[f"{tool}-{packing}"] = run_worker(tool, {**spec, "packing": packing, "workdir": str(work)})
+    ours = runs[f"sftlab-{args.sftlab_packing}"]
+    trl_runs = [r for k, r in runs.items() if k.startswith("trl")]
+    best_trl = max(trl_runs, key=lambda r: r["tokens_per_s"])
+    unpacked_trl = next((r for r in trl_runs if not r["packing"]), best_trl)
+    config = AutoConfig.from_pretrained(resolve_model(model))
+    tokenizer = load_tokenizer(model)
+    pairs = rendered_pairs(bench_rows(args.data, args.rows), tokenizer)
+    lengths = [min(args.max_length, len(tokenizer(p + c)["input_ids"]) + 1) for p, c in pairs]
+    mean_length = sum(lengths) / len(lengths)
+    fpt = flops_per_token(config, method, mean_length)
+    return {
+        "model": model, "method": method, "rows": args.rows, "max_length": args.max_length, "batch": args.batch,
+        "timed_steps": args.steps, "mean_example_tokens": round(mean_length, 1),
+        "sftlab": ours, "trl_runs": trl_runs, "trl_best": best_trl,
+        "throughput_ratio": ours["tokens_per_s"] / best_trl["tokens_per_s"],
+        "memory_ratio": ours["peak_memory_mb"] / best_trl["peak_memory_mb"],
+        # TRL packs its dataset when packing is on, so its unpacked run holds the same first batch
+        "first_batch_loss_diff": abs(ours["first_batch_loss"] - unpacked_trl["first_batch_loss"]),
+        "flops_per_token": fpt, "matmul_flops": matmul_flops,
+        "sftlab_flops_utilisation": ours["tokens_per_s"] * fpt / matmul_flops,
+        "trl_flops_utilisation": best_trl["tokens_per_s"] * fpt / matmul_flops,
+    }
+
+
+def markdown(results: list[dict], machine: str) -> str:
+    lines = [
+        f"Machine: {machine}",
+        "",
+        "| model | method | sftlab tok/s | TRL tok/s (best) | throughput | sftlab peak MB | TRL peak MB | memory | first-batch loss sftlab / TRL | FLOPs/s vs matmul (sftlab / TRL) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        s, t = r["sftlab"], r["trl_best"]
+        t_first = next((x for x in r["trl_runs"] if not x["packing"]), t)["first_batch_loss"]
+        lines.append(
+            f"| {Path(r['model']).name} | {r['method']} | {s['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} "
+            f"(packing {'on' if t['packing'] else 'off'}) | **{r['throughput_ratio']:.2f}×** | {s['peak_memory_mb']:.0f} | "
+            f"{t['peak_memory_mb']:.0f} | **{r['memory_ratio']:.2f}×** | {s['first_batch_loss']:.4f} / {t_first:.4f} | "
+            f"{100 * r['sftlab_flops_utilisation']:.0f}% / {100 * r['trl_flops_utilisation']:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker_main(sys.argv[2], sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
+    parser.add_argument("--methods", default="full,lora")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    parser.add_argument("--sftlab-packing", type=lambda v: v.lower() in ("1", "true", "on"), default=True)
+    parser.add_argument("--trl-packing", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--quick", action="store_true", help="a few rows and one timed step (for the tests)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.steps, args.warmup, args.batch, args.max_length = 8, 1, 1, 4, 128
+    import torch
+
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+               if not torch.cuda.is_available() else f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"measuring the matmul rate ({'bf16 CUDA' if torch.cuda.is_available() else 'fp32 CPU'}) ...", flush=True)
+    matmul = measured_matmul_flops(0.5 if args.quick else 2.0)
+    print(f"  {matmul / 1e9:.1f} GFLOP/s", flush=True)
+    results = [bench_one(model, method, args, matmul) for model in args.models.split(",") for method in args.methods.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = "quick" if args.quick else time.strftime("%Y%m%d-%H%M%S")
+    (args.out / f"bench-{stamp}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    table = markdown(results, machine)
+    (args.out / f"bench-{stamp}.md").write_text(table)
+    if not args.quick:
+        (args.out / "latest.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The benchmark runs end to end in quick mode, and both trainers optimise the same objective."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_bench_runs_both_trainers_and_their_first_losses_agree(tiny_model_dir, tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "bench/run.py", "--quick", "--models", str(tiny_model_dir), "--methods", "full",
+         "--trl-packing", "off", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((out / "bench-quick.json").read_text())["results"][0]
+    assert result["sftlab"]["tokens"] > 0 and result["trl_best"]["tokens"] > 0
+    assert result["sftlab"]["peak_memory_mb"] > 0 and result["trl_best"]["peak_memory_mb"] > 0
+    # same initial weights, same first batch, prompt masked in both: the same loss
+    assert result["first_batch_loss_diff"] < 1e-3
+    assert result["sftlab"]["first_batch_loss"] > 1.0  # a random model: a real loss, not zero
+    assert "| full |" in (out / "bench-quick.md").read_text()
