@@ -37,3 +37,10 @@ def test_inference_prompt_is_the_training_text_up_to_the_response():
     rendered = template.render(conversation)
     assert template.render_prompt(conversation) == rendered.text[: rendered.prompt_end]
     assert template.render_prompt(conversation).endswith("### Response:\n")
+
+
+def test_a_chat_waiting_for_a_reply_keeps_all_its_turns():
+    template = AlpacaTemplate("</s>")
+    waiting = Conversation((Message("user", "Hi"), Message("assistant", "Hello", trained=True), Message("user", "Bye")))
+    prompt = template.render_prompt(waiting)
+    assert prompt.endswith("### Instruction:\nBye\n\n### Response:\n") and "Hello</s>" in prompt

@@ -148,3 +148,24 @@ def _train_until(config, stop_after: int):
             train(config)
     finally:
         loop.save_checkpoint = original
+
+
+def test_validation_every_n_steps_keeps_the_best_model_and_stops_early(tiny_model_dir, tmp_path):
+    # a learning rate far too high: validation loss gets worse after the first evaluations
+    result = train(_config(tiny_model_dir, tmp_path, "max_steps=40", "batch_size=4", "eval_steps=2",
+                           "learning_rate=0.5", "warmup_ratio=0", "lr_scheduler=constant", "early_stopping_patience=2"))
+    records = [json.loads(line) for line in Path(result.output_dir, "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evaluated] == list(range(2, result.steps + 1, 2))
+    assert result.steps < 40  # stopped early
+    assert result.best_val_loss == min(r["val_loss"] for r in evaluated)
+    assert result.best_step == min(evaluated, key=lambda r: r["val_loss"])["step"]
+    # best/ holds the weights of the best step: its validation loss is the best one
+    from sftlab.data.prepare import prepare_data
+    from sftlab.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    val = prepare_data(_config(tiny_model_dir, tmp_path), tokenizer).val
+    best = AutoModelForCausalLM.from_pretrained(Path(result.output_dir) / "best")
+    loss = evaluate_loss(best, [collate(val, tokenizer.pad_token_id)], torch.device("cpu"))["loss"]
+    assert loss == pytest.approx(result.best_val_loss, rel=1e-4)

@@ -117,6 +117,10 @@ class RunConfig(_Strict):
     save_steps: int = Field(0, ge=0, description="save a resumable checkpoint every N steps; 0 = only the final model")
     save_total_limit: int = Field(2, ge=1, description="how many intermediate checkpoints to keep")
     eval_steps: int = Field(0, ge=0, description="validation loss every N steps; 0 = only before and after training")
+    save_best: bool = Field(True, description="keep the model with the lowest validation loss in OUTPUT_DIR/best")
+    early_stopping_patience: int = Field(
+        0, ge=0, description="stop after N validations without improvement (needs eval_steps); 0 = never"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train; auto picks CUDA when present")
 
     @field_validator("data", "eval_data", mode="before")

@@ -37,9 +37,11 @@ class Conversation:
     metadata: dict = field(default_factory=dict, compare=False)
 
     def prompt_messages(self) -> tuple[Message, ...]:
-        """Everything before the final assistant turn: what the model is given at inference."""
-        last = max((i for i, m in enumerate(self.messages) if m.role == "assistant"), default=len(self.messages))
-        return self.messages[:last]
+        """What the model is given at inference: everything before a final assistant turn, or the
+        whole conversation when it ends with the user (a chat waiting for its next reply)."""
+        if self.messages and self.messages[-1].role == "assistant":
+            return self.messages[:-1]
+        return self.messages
 
 
 @dataclass(frozen=True)

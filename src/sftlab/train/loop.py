@@ -42,6 +42,8 @@ class TrainResult:
     final_train_loss: float | None
     val_loss_before: float | None
     val_loss_after: float | None
+    best_val_loss: float | None
+    best_step: int | None
     seconds: float
     tokens_per_second: float
 
@@ -184,14 +186,17 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     pending: list[dict] = []  # step records whose loss is still a device tensor (synced at log time)
     last_loss, val_after, input_tokens_done, started = None, None, 0, time.perf_counter()
+    best_val, best_step, bad_evals, stop_early, shown_val = None, None, 0, False, "-"
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+        TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
         TimeRemainingColumn(), console=console, transient=False,
     )
     with progress:
-        task = progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-", tps="-")
+        task = progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-", tps="-", val="-")
+        last_step = start_step
         for step in range(start_step + 1, total_steps + 1):
+            last_step = step
             # -- step: accumulate micro-batches, normalise by the step's trained-token count --
             first = (step - 1) * config.gradient_accumulation_steps
             batches = [micro_batch(first + j) for j in range(config.gradient_accumulation_steps)]
@@ -220,7 +225,16 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
             # -- log (the only host-device sync of the loop) ---------------------------------
             is_last = step == total_steps
             val_loss = validate() if is_last or (config.eval_steps and step % config.eval_steps == 0) else None
-            val_after = val_loss if is_last else None
+            if val_loss is not None:
+                if best_val is None or val_loss < best_val:
+                    best_val, best_step, bad_evals = val_loss, step, 0
+                    if config.save_best and config.eval_steps:
+                        save_model(model, tokenizer, config, output_dir / "best")
+                else:
+                    bad_evals += 1
+                stop_early = bool(config.early_stopping_patience) and bad_evals >= config.early_stopping_patience
+                is_last = is_last or stop_early
+                val_after = val_loss if is_last else None
             if step % config.logging_steps == 0 or is_last or val_loss is not None:
                 elapsed = time.perf_counter() - started
                 tokens_per_second = input_tokens_done / elapsed
@@ -238,10 +252,17 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
                             tensorboard.add_scalar("train/learning_rate", record["learning_rate"], record["step"])
                 last_loss = pending[-1]["loss"]
                 pending = []
-                if val_loss is not None and not is_last:
-                    console.print(f"step {step}: validation loss {val_loss:.4f}")
-                progress.update(task, loss=f"{last_loss:.4f}", lr=f"{learning_rate:.2e}", tps=f"{tokens_per_second:.0f}")
+                if val_loss is not None:
+                    shown_val = f"{val_loss:.4f}"
+                    if not is_last:
+                        console.print(f"step {step}: validation loss {val_loss:.4f}" + (" (best)" if best_step == step else ""))
+                progress.update(task, loss=f"{last_loss:.4f}", lr=f"{learning_rate:.2e}", tps=f"{tokens_per_second:.0f}",
+                                val=shown_val)
             progress.update(task, completed=step)
+            if stop_early:
+                console.print(f"early stopping at step {step}: no improvement in {bad_evals} validations "
+                              f"(best {best_val:.4f} at step {best_step})")
+                break
 
             # -- checkpoint -------------------------------------------------------------------
             if config.save_steps and step % config.save_steps == 0 and not is_last:
@@ -256,12 +277,12 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     if tensorboard:
         tensorboard.close()
     result = TrainResult(
-        output_dir=str(output_dir), steps=total_steps, final_train_loss=last_loss, val_loss_before=val_before,
-        val_loss_after=val_after, seconds=round(seconds, 2),
+        output_dir=str(output_dir), steps=last_step, final_train_loss=last_loss, val_loss_before=val_before,
+        val_loss_after=val_after, best_val_loss=best_val, best_step=best_step, seconds=round(seconds, 2),
         tokens_per_second=round(input_tokens_done / seconds, 2) if seconds > 0 else 0.0,
     )
     (output_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
-    console.print(f"saved {output_dir / 'final'} ({total_steps - start_step} steps in {seconds:.0f}s)")
+    console.print(f"saved {output_dir / 'final'} ({last_step - start_step} steps in {seconds:.0f}s)")
     return result
 
 
