@@ -1,0 +1,589 @@
+"""A batched decode loop shared by `sftlab serve` and `sftlab chat`.
+
+Requests are submitted from any thread. One background worker collects the requests that arrive
+within a short window (`batch_window_ms`, up to `max_batch_size` rows), left-pads them into one
+batch and decodes token by token on the model's forward with a KV cache (`DynamicCache`). Each
+row has its own sampling parameters (temperature, top_p, seed, penalties) and its own output
+callback, so concurrent HTTP requests share forward passes. A row leaves the batch (and the
+cache) as soon as it hits a stop token, its token budget or is cancelled. Requests that arrive
+while a batch is decoding join it at the next step (their prompts are prefilled, and their
+cache rows are left-padded onto the running cache), for models whose cache layers are all
+plain full-attention layers; other models (sliding-window layers) wait for the next batch.
+
+Positions are computed from the attention mask, so a left-padded row sees exactly the positions
+it would see alone; a test checks that batched greedy answers equal the one-at-a-time answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from sftlab.data.formats import Conversation, Message
+
+log = logging.getLogger("sftlab.infer")
+
+DEFAULT_CONTEXT = 2048  # when the model config names no max_position_embeddings
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+
+
+def render_chat_prompt(template, messages: list[tuple[str, str]] | list[Message]) -> str:
+    """The prompt text for a chat: the template's render_prompt over the whole conversation so far.
+
+    The conversation gets an empty assistant turn appended, the response the model is about to
+    write: render_prompt renders everything before the final assistant turn, exactly as the
+    training prompt was rendered (so a multi-turn history is never cut at an earlier reply).
+    Raises the template's TemplateError when it cannot render the messages.
+    """
+    items = [m if isinstance(m, Message) else Message(m[0], m[1]) for m in messages]
+    return template.render_prompt(Conversation(tuple(items) + (Message("assistant", ""),)))
+
+
+def template_errors() -> tuple[type[BaseException], ...]:
+    """What a template raises for messages it cannot format: sftlab's TemplateError, or a Jinja
+    chat template's own error (e.g. its raise_exception for an unsupported role order)."""
+    from sftlab.data.templates import TemplateError
+
+    try:
+        from jinja2 import TemplateError as JinjaError
+    except ImportError:  # pragma: no cover
+        return (TemplateError,)
+    return (TemplateError, JinjaError)
+
+
+def context_length(model, tokenizer=None) -> int:
+    """The model's context window: max_position_embeddings (tokenizer's model_max_length as fallback)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**7 else DEFAULT_CONTEXT
+
+
+def stop_tokens(tokenizer, model=None, template=None) -> tuple[set[int], list[str]]:
+    """(token ids that end a response, stop strings).
+
+    The tokenizer's EOS (what the templates train the model to emit), the model's generation
+    config EOS, and the template's `end_token` when it has one: an id when it is one token,
+    otherwise a stop string.
+    """
+    ids: set[int] = set()
+    strings: list[str] = []
+
+    def add(value) -> None:
+        if value is None:
+            return
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and v >= 0:
+                ids.add(v)
+
+    add(tokenizer.eos_token_id)
+    add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    end_token = getattr(template, "end_token", None)
+    if end_token:
+        encoded = tokenizer.encode(end_token, add_special_tokens=False)
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+        else:
+            strings.append(end_token)
+    return ids, strings
+
+
+# ---------------------------------------------------------------------------------------------
+# requests and events
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+
+
+@dataclass(frozen=True)
+class Done:
+    reason: str  # "stop" (a stop token) | "length" (max_tokens or the context) | "cancelled"
+    completion_tokens: int  # generated tokens, the stop token included
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Token | Done | Failed
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]  # called on the worker thread; must not block
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# incremental detokenization with stop strings
+
+
+class TextStream:
+    """Token ids -> text deltas, never emitting a stop string or half a UTF-8 character.
+
+    The whole generated sequence is decoded at each token (without clean-up of spaces, so the
+    text only grows at its end); text that could be the start of a stop string is held back
+    until it is known not to be one. After `stopped` the text is final: cut before the stop.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # emitted so far
+        self.stopped = False
+        self._full = ""
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        full = self._decode()
+        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        self._full = full
+        if self.stop:
+            start = max(0, len(self.text) - max(map(len, self.stop)))
+            hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                return self._emit(min(hits))
+            held = max((k for s in self.stop for k in range(min(len(s) - 1, len(full)), 0, -1)
+                        if full.endswith(s[:k])), default=0)
+            return self._emit(len(full) - held)
+        return self._emit(len(full))
+
+    def finish(self) -> str:
+        """At the end of generation: the text still held back (a stop string's unfinished prefix)."""
+        if self.stopped:
+            return ""
+        full = self._decode()
+        return self._emit(len(full), full)
+
+    def _emit(self, end: int, full: str | None = None) -> str:
+        full = self._full if full is None else full
+        delta = full[len(self.text) : max(end, len(self.text))]
+        self.text += delta
+        return delta
+
+
+# ---------------------------------------------------------------------------------------------
+# the batching engine
+
+
+class _Row:
+    __slots__ = ("request", "generator", "generated", "counts", "budget")
+
+    def __init__(self, request: GenerationRequest, device: torch.device, context: int):
+        self.request = request
+        self.generated = 0
+        self.budget = max(0, min(request.params.max_tokens, context - len(request.prompt_ids)))
+        self.counts: dict[int, int] = {}
+        self.generator = None
+        if request.params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if request.params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(request.params.seed)
+
+
+class BatchEngine:
+    """Serve generation requests from many threads with batched forward passes on one model."""
+
+    def __init__(
+        self,
+        model,
+        pad_token_id: int,
+        stop_token_ids: set[int],
+        max_batch_size: int = 8,
+        batch_window_ms: float = 20.0,
+        context: int | None = None,
+        continuous: bool = True,
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.stop_token_ids = set(stop_token_ids)
+        self.max_batch_size = max_batch_size
+        self.batch_window = max(0.0, batch_window_ms) / 1000
+        self.context = context or context_length(model)
+        self.continuous = continuous  # requests may join a running batch (full-attention caches only)
+        self.device = next(model.parameters()).device
+        self._pending: queue.Queue[GenerationRequest | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._stats = {"requests": 0, "cancelled": 0, "batches": 0, "joined_rows": 0, "forward_passes": 0,
+                       "rows_decoded": 0, "max_batch_rows": 0, "generated_tokens": 0, "busy_seconds": 0.0}
+
+    # -- public API --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._closing.clear()
+                self._thread = threading.Thread(target=self._work, name="sftlab-batch-engine", daemon=True)
+                self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker: rows still decoding end as cancelled, queued requests are dropped."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._closing.set()
+            self._pending.put(None)
+            thread.join(timeout)
+        while True:  # nobody will decode what is still queued: tell its callers
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                _safe_emit(item, Failed("the engine was closed"))
+
+    def submit(self, request: GenerationRequest) -> GenerationRequest:
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty")
+        with self._lock:
+            self._stats["requests"] += 1
+        self.start()
+        self._pending.put(request)
+        return request
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Event]:
+        """Submit one request and yield its events on this thread; closing the iterator cancels it."""
+        events: queue.Queue[Event] = queue.Queue()
+        request = self.submit(GenerationRequest(list(prompt_ids), params, events.put))
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if not isinstance(event, Token):
+                    return
+        finally:
+            request.cancel()
+
+    def stats(self) -> dict:
+        with self._lock:
+            stats = dict(self._stats)
+        stats.update(max_batch_size=self.max_batch_size, batch_window_ms=self.batch_window * 1000,
+                     queued=self._pending.qsize())
+        stats["busy_seconds"] = round(stats["busy_seconds"], 3)
+        return stats
+
+    # -- worker ------------------------------------------------------------------------------
+
+    def _collect(self, first: GenerationRequest) -> tuple[list[GenerationRequest], bool]:
+        batch, closing = [first], False
+        deadline = time.monotonic() + self.batch_window
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._pending.get(timeout=remaining) if remaining > 0 else self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                closing = True
+                break
+            batch.append(item)
+        live = [r for r in batch if not r.cancelled.is_set()]
+        if len(live) < len(batch):  # cancelled while queued: never decoded
+            with self._lock:
+                self._stats["cancelled"] += len(batch) - len(live)
+        return live, closing
+
+    def _work(self) -> None:
+        while True:
+            first = self._pending.get()
+            if first is None or self._closing.is_set():
+                if first is not None:
+                    _safe_emit(first, Failed("the server is shutting down"))
+                return
+            batch, closing = self._collect(first)
+            if batch:
+                started = time.perf_counter()
+                try:
+                    self._run(batch)
+                except Exception as exc:  # never leave a caller waiting; the traceback goes to the log
+                    log.exception("generation failed")
+                    for request in batch:
+                        _safe_emit(request, Failed(f"generation failed: {type(exc).__name__}"))
+                with self._lock:
+                    self._stats["busy_seconds"] += time.perf_counter() - started
+            if closing:
+                return
+
+    def _prefill(self, batch: list[GenerationRequest]):
+        """Left-pad the prompts into one batch and run it: (rows, cache, mask, last positions, logits)."""
+        from transformers import DynamicCache
+
+        device = self.device
+        rows = [_Row(r, device, self.context) for r in batch]
+        width = max(len(r.prompt_ids) for r in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, request in enumerate(batch):
+            input_ids[i, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids, dtype=torch.long)
+            mask[i, width - len(request.prompt_ids):] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # a padded row sees the positions it would see alone
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(input_ids, mask, positions, cache)
+        with self._lock:
+            self._stats["rows_decoded"] += len(batch)
+        return rows, cache, mask, positions[:, -1], logits
+
+    def _take(self, limit: int) -> list[GenerationRequest]:
+        """Requests already waiting (no waiting for more), at most `limit`."""
+        taken: list[GenerationRequest] = []
+        while len(taken) < limit:
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:  # close(): leave the sentinel for the worker loop
+                self._pending.put(None)
+                break
+            if item.cancelled.is_set():
+                with self._lock:
+                    self._stats["cancelled"] += 1
+                continue
+            taken.append(item)
+        return taken
+
+    @torch.no_grad()
+    def _run(self, batch: list[GenerationRequest]) -> None:
+        device = self.device
+        rows, cache, mask, last_positions, logits = self._prefill(batch)
+        with self._lock:
+            self._stats["batches"] += 1
+        while True:
+            # continuous batching: requests that arrived meanwhile join the running batch
+            if (self.continuous and len(rows) < self.max_batch_size and not self._pending.empty()
+                    and _plain_cache(cache)):
+                newcomers = self._take(self.max_batch_size - len(rows))
+                if newcomers:
+                    new_rows, new_cache, new_mask, new_positions, new_logits = self._prefill(newcomers)
+                    mask = _join_cache(cache, mask, new_cache, new_mask)
+                    rows += new_rows
+                    last_positions = torch.cat([last_positions, new_positions])
+                    logits = torch.cat([logits, new_logits])
+                    with self._lock:
+                        self._stats["joined_rows"] += len(new_rows)
+            with self._lock:
+                self._stats["max_batch_rows"] = max(self._stats["max_batch_rows"], len(rows))
+
+            next_ids = self._sample(logits, rows)
+            keep: list[int] = []
+            step_tokens = cancelled = 0
+            for i, (row, token) in enumerate(zip(rows, next_ids)):
+                request = row.request
+                if request.cancelled.is_set() or self._closing.is_set():
+                    _safe_emit(request, Done("cancelled", row.generated))
+                    cancelled += 1
+                    continue
+                if row.budget <= 0:
+                    _safe_emit(request, Done("length", row.generated))
+                    continue
+                row.generated += 1
+                step_tokens += 1
+                if token in self.stop_token_ids:
+                    _safe_emit(request, Done("stop", row.generated))
+                    continue
+                _safe_emit(request, Token(token))
+                row.counts[token] = row.counts.get(token, 0) + 1
+                if row.generated >= row.budget:
+                    _safe_emit(request, Done("length", row.generated))
+                    continue
+                keep.append(i)
+            with self._lock:
+                self._stats["generated_tokens"] += step_tokens
+                self._stats["cancelled"] += cancelled
+            if not keep:
+                if self.continuous and not self._pending.empty():
+                    # the batch emptied while others wait: start them as a new batch right away
+                    newcomers = self._take(self.max_batch_size)
+                    if newcomers:
+                        rows, cache, mask, last_positions, logits = self._prefill(newcomers)
+                        with self._lock:
+                            self._stats["batches"] += 1
+                        continue
+                return
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, dtype=torch.long, device=device)
+                cache.batch_select_indices(index)
+                mask, last_positions = mask[index], last_positions[index]
+                rows = [rows[i] for i in keep]
+                next_ids = [next_ids[i] for i in keep]
+                if _plain_cache(cache):
+                    mask = _trim_padding(cache, mask)
+            tokens = torch.tensor(next_ids, dtype=torch.long, device=device)[:, None]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            last_positions = last_positions + 1
+            logits = self._forward(tokens, mask, last_positions[:, None], cache)
+
+    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with self._lock:
+            self._stats["forward_passes"] += 1
+        return out.logits[:, -1, :].float()
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """One token per row: argmax for greedy rows, else temperature + top-p with the row's generator."""
+        for i, row in enumerate(rows):
+            p = row.request.params
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            if (p.presence_penalty or p.frequency_penalty) and row.counts:
+                ids = torch.tensor(list(row.counts), dtype=torch.long, device=logits.device)
+                counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype, device=logits.device)
+                logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts
+        chosen = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            p = row.request.params
+            if p.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                cumulative = sorted_probs.cumsum(-1)
+                sorted_probs[(cumulative - sorted_probs) >= p.top_p] = 0.0  # keep the smallest nucleus >= top_p
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator).item())
+        return chosen
+
+
+def _plain_cache(cache) -> bool:
+    """Only plain full-attention layers can be joined and trimmed (not sliding-window ones)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _join_cache(cache, mask: torch.Tensor, other, other_mask: torch.Tensor) -> torch.Tensor:
+    """Append `other`'s rows to `cache` (both right-aligned, left-padded to one length); the joint mask."""
+    length = max(mask.shape[1], other_mask.shape[1])
+    for layer, new in zip(cache.layers, other.layers):
+        layer.keys = torch.cat([_left_pad(layer.keys, length, -2), _left_pad(new.keys, length, -2)])
+        layer.values = torch.cat([_left_pad(layer.values, length, -2), _left_pad(new.values, length, -2)])
+    return torch.cat([_left_pad(mask, length, 1), _left_pad(other_mask, length, 1)])
+
+
+def _trim_padding(cache, mask: torch.Tensor) -> torch.Tensor:
+    """Drop leading columns that are padding in every row (left behind by rows that finished)."""
+    used = mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    if start == 0:
+        return mask
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+    return mask[:, start:]
+
+
+def _safe_emit(request: GenerationRequest, event: Event) -> None:
+    try:
+        request.emit(event)
+    except Exception:  # a consumer that went away (closed event loop) must not stop the batch
+        request.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# a loaded model, ready to serve
+
+
+@dataclass
+class InferenceModel:
+    """Model + tokenizer + the run's template + the batching engine: what serve and chat share."""
+
+    model: object
+    tokenizer: object
+    template: object
+    template_name: str
+    engine: BatchEngine
+    context: int
+    stop_strings: list[str]
+    run_info: dict
+    source: str
+
+    @classmethod
+    def load(
+        cls,
+        model_or_run: str,
+        template: str | None = None,
+        max_batch_size: int = 8,
+        batch_window_ms: float = 20.0,
+        device: torch.device | None = None,
+    ) -> "InferenceModel":
+        """A run directory uses its saved template; a plain model uses `template` (default alpaca)."""
+        from sftlab.data.templates import get_template
+        from sftlab.models.loading import load_for_inference
+
+        model, tokenizer, info = load_for_inference(model_or_run, device)
+        return cls.from_model(model, tokenizer, template or info.get("template", "alpaca"), info,
+                              str(model_or_run), max_batch_size, batch_window_ms, get_template)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, template_name: str, run_info: dict | None = None, source: str = "",
+                   max_batch_size: int = 8, batch_window_ms: float = 20.0, get_template=None) -> "InferenceModel":
+        if get_template is None:
+            from sftlab.data.templates import get_template
+        template = get_template(template_name, tokenizer)
+        ids, strings = stop_tokens(tokenizer, model, template)
+        context = context_length(model, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        engine = BatchEngine(model, pad if pad is not None else 0, ids, max_batch_size, batch_window_ms, context)
+        return cls(model, tokenizer, template, template_name, engine, context, strings, run_info or {}, source)
+
+    def chat_prompt(self, messages) -> str:
+        return render_chat_prompt(self.template, messages)
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> ids, tokenized as training tokenized it (special tokens added the same way)."""
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])

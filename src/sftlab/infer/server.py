@@ -1,0 +1,657 @@
+"""`sftlab serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for a run or a model.
+
+    GET  /v1/models                 the served model (plus context length and template)
+    POST /v1/chat/completions       chat, formatted with the run's own template
+    POST /v1/completions            raw text completion (no template)
+    GET  /sftlab/stats              batching counters (requests, batches, forward passes)
+    POST /sftlab/render             the exact prompt text a chat request is given to the model
+    GET  /health                    readiness (no API key needed)
+
+Concurrent requests share forward passes: see `sftlab.infer.engine.BatchEngine`. Errors are
+OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`), never a stack trace.
+
+    from sftlab.infer.server import create_app, serve, serve_in_background
+    app = create_app("runs/demo", api_key="secret")       # a FastAPI app
+    serve("runs/demo", port=8000)                        # blocks
+    with serve_in_background("runs/demo") as server:     # a thread, a free port
+        print(server.base_url)                           # http://127.0.0.1:PORT/v1
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sftlab.infer.engine import (Done, GenerationRequest, InferenceModel, SamplingParams, TextStream, Token,
+                                 template_errors)
+
+log = logging.getLogger("sftlab.infer")
+
+API_KEY_ENV = "SFTLAB_API_KEY"
+MAX_N = 64
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+SHUTDOWN_GRACE_S = 5  # on Ctrl-C / SIGTERM, requests still generating after this are cut off
+
+
+class APIError(Exception):
+    """An error answered as OpenAI-style JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class _EngineFailed(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# request parsing: every invalid field is a 400 that names the field
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise APIError(400, f"'{name}' must be a number, got {type(value).__name__}", param=name, code="invalid_type")
+    if not low <= value <= high:
+        raise APIError(400, f"'{name}' must be between {low:g} and {high:g}, got {value}", param=name,
+                       code="invalid_value")
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int | None = None, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise APIError(400, f"'{name}' must be an integer, got {type(value).__name__}", param=name, code="invalid_type")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise APIError(400, f"'{name}' must be {bounds}, got {value}", param=name, code="invalid_value")
+    return value
+
+
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be a boolean, got {type(value).__name__}", param=name, code="invalid_type")
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise APIError(400, "'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+    return [s for s in value if s]
+
+
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    value = body.get("logit_bias")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise APIError(400, "'logit_bias' must be an object mapping token ids to biases", param="logit_bias",
+                       code="invalid_type")
+    bias: dict[int, float] = {}
+    for key, b in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise APIError(400, f"'logit_bias' key {key!r} is not a token id", param="logit_bias",
+                           code="invalid_value") from None
+        if not 0 <= token < vocab_size:
+            raise APIError(400, f"'logit_bias' token id {token} is outside the vocabulary (0..{vocab_size - 1})",
+                           param="logit_bias", code="invalid_value")
+        bias[token] = _number({"logit_bias": b}, "logit_bias", 0.0, -100, 100)
+    return bias or None
+
+
+def _unsupported(body: dict, *names: str) -> None:
+    for name in names:
+        value = body.get(name)
+        if value not in (None, False, [], 0) and not (name == "best_of" and value == 1):
+            raise APIError(400, f"'{name}' is not supported by sftlab serve", param=name, code="unsupported_parameter")
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
+    if not stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options",
+                       code="invalid_value")
+    return _boolean(options, "include_usage")
+
+
+def _message_text(content: Any, index: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{index}].content: only text parts are supported",
+                               param=f"messages[{index}].content", code="invalid_value")
+            parts.append(part["text"])
+        return "\n".join(parts)
+    raise APIError(400, f"messages[{index}].content must be a string or a list of text parts",
+                   param=f"messages[{index}].content", code="invalid_type")
+
+
+def parse_messages(value: Any) -> list[tuple[str, str]]:
+    """OpenAI chat messages -> [(role, content)] with roles system | user | assistant."""
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "'messages' must be a non-empty list of messages", param="messages",
+                       code="invalid_type" if not isinstance(value, list) else "empty_array")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]",
+                           code="invalid_type")
+        role = message.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"messages[{i}].role {role!r} is not supported; use system, user or assistant",
+                           param=f"messages[{i}].role", code="invalid_value")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise APIError(400, "tool calls are not supported by sftlab serve", param=f"messages[{i}]",
+                           code="unsupported_parameter")
+        messages.append((role, _message_text(message.get("content"), i)))
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# one HTTP request's generations (n choices, or several prompts), consumed on the event loop
+
+
+class _Job:
+    def __init__(self, inference: InferenceModel, prompts: list[list[int]], params: list[SamplingParams],
+                 stop: list[str]):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.streams = [TextStream(inference.tokenizer, stop + inference.stop_strings) for _ in prompts]
+        self.completion_tokens = [0] * len(prompts)
+        self.finish_reasons: list[str | None] = [None] * len(prompts)
+        self.requests = [
+            inference.engine.submit(GenerationRequest(ids, p, partial(self._emit, loop, i)))
+            for i, (ids, p) in enumerate(zip(prompts, params))
+        ]
+
+    def _emit(self, loop: asyncio.AbstractEventLoop, index: int, event) -> None:  # on the worker thread
+        loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancel()
+
+    async def events(self):
+        """Yield (choice index, text delta, finish_reason or None) until every choice has finished."""
+        remaining = set(range(len(self.requests)))
+        while remaining:
+            index, event = await self.queue.get()
+            if index not in remaining:
+                continue
+            stream = self.streams[index]
+            if isinstance(event, Token):
+                self.completion_tokens[index] += 1
+                delta = stream.push(event.id)
+                if stream.stopped:  # a stop string: cut, and free the row
+                    self.requests[index].cancel()
+                    remaining.discard(index)
+                    self.finish_reasons[index] = "stop"
+                    yield index, delta, "stop"
+                elif delta:
+                    yield index, delta, None
+            elif isinstance(event, Done):
+                self.completion_tokens[index] = event.completion_tokens
+                remaining.discard(index)
+                self.finish_reasons[index] = "length" if event.reason == "length" else "stop"
+                yield index, stream.finish(), self.finish_reasons[index]
+            else:
+                self.cancel()
+                raise _EngineFailed(event.message)
+
+    async def run(self, request: Request | None = None) -> list[str]:
+        """Every choice's final text. A client that hangs up stops the generation (its rows leave the batch)."""
+
+        async def consume() -> None:
+            async for _ in self.events():
+                pass
+
+        task = asyncio.ensure_future(consume())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    task.result()
+                    break
+                if request is not None and await request.is_disconnected():
+                    task.cancel()
+                    break
+        finally:
+            self.cancel()
+        return [s.text for s in self.streams]
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# the app
+
+
+def create_app(
+    model_or_run: str | None = None,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    template: str | None = None,
+    max_batch_size: int = 8,
+    batch_window_ms: float = 20.0,
+    inference: InferenceModel | None = None,
+) -> FastAPI:
+    """An OpenAI-compatible FastAPI app serving a run directory, checkpoint, registry name or HF folder.
+
+    api_key: when set (or env SFTLAB_API_KEY), every /v1 and /sftlab request needs
+    `Authorization: Bearer KEY`. model_name: the name clients pass as `model` (default: the
+    argument as given). template: for a plain model (a run uses its own; default alpaca).
+    inference: an already loaded InferenceModel instead of model_or_run.
+    """
+    owns_engine = inference is None  # an InferenceModel passed in is the caller's to close
+    if inference is None:
+        if model_or_run is None:
+            raise ValueError("create_app needs model_or_run or inference")
+        inference = InferenceModel.load(str(model_or_run), template, max_batch_size, batch_window_ms)
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV) or None
+    name = model_name or str(model_or_run or inference.source).rstrip("/") or "sftlab"
+    accepted_names = {name, str(model_or_run or inference.source)}
+    created = int(time.time())
+    tokenizer = inference.tokenizer
+    vocab_size = getattr(inference.model.config, "vocab_size", None) or len(tokenizer)  # the logits' width
+
+    async def authorize(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided." if header else
+                           "Missing API key: send it as 'Authorization: Bearer KEY'.", code="invalid_api_key")
+
+    @asynccontextmanager
+    async def shutdown(app_: FastAPI):
+        yield
+        if owns_engine:
+            inference.engine.close()
+
+    app = FastAPI(title="sftlab serve", version="1", lifespan=shutdown, docs_url=None, redoc_url=None)
+    app.state.inference = inference
+    app.state.model_name = name
+    router = APIRouter(dependencies=[Depends(authorize)])
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message, code = f"Invalid URL ({request.method} {request.url.path})", "unknown_url"
+        elif exc.status_code == 405:
+            message, code = f"Method {request.method} is not allowed on {request.url.path}", "method_not_allowed"
+        else:
+            message, code = str(exc.detail), None
+        return APIError(exc.status_code, message, code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return APIError(500, "The server had an error while processing your request.", type="server_error").response()
+
+    async def read_body(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
+                           "aren't using your HTTP library correctly.)", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "The request body must be a JSON object", code="invalid_json")
+        return body
+
+    def check_model(body: dict) -> str:
+        requested = body.get("model")
+        if requested is None:
+            raise APIError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
+        if not isinstance(requested, str):
+            raise APIError(400, "'model' must be a string", param="model", code="invalid_type")
+        if requested not in accepted_names:
+            raise APIError(404, f"The model `{requested}` does not exist; this server serves `{name}`.",
+                           param="model", code="model_not_found")
+        return name
+
+    def sampling(body: dict, prompt_tokens: int, default_max: int | None, chat: bool) -> tuple[list[SamplingParams], int]:
+        context = inference.context
+        if prompt_tokens >= context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, your "
+                           f"{'messages' if chat else 'prompt'} resulted in {prompt_tokens} tokens. Please reduce "
+                           "the length.", param="messages" if chat else "prompt", code="context_length_exceeded")
+        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _integer(body, key, low=1)
+        room = context - prompt_tokens
+        if max_tokens is None:
+            max_tokens = room if default_max is None else min(default_max, room)
+        elif prompt_tokens + max_tokens > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                           f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                           f"{'messages' if chat else 'prompt'}, {max_tokens} in the completion). Please reduce the "
+                           "length.", param=key, code="context_length_exceeded")
+        n = _integer(body, "n", 1, MAX_N) or 1
+        seed = _integer(body, "seed")
+        base = dict(
+            max_tokens=max_tokens,
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            logit_bias=_logit_bias(body, vocab_size),
+        )
+        # with a seed, choice j samples with seed + j: reproducible, yet the n choices differ
+        return [SamplingParams(seed=None if seed is None else seed + j, **base) for j in range(n)], n
+
+    def usage(prompt_tokens: int, job: _Job) -> dict:
+        completion = sum(job.completion_tokens)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+    def error_event(exc: Exception) -> str:
+        return _sse(APIError(500, f"generation failed: {exc}", type="server_error").body())
+
+    # -- routes ------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name}
+
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "sftlab",
+                "max_model_len": inference.context, "template": inference.template_name,
+                "sftlab": {"source": inference.source, "run_info": inference.run_info,
+                           "max_batch_size": inference.engine.max_batch_size}}
+
+    @router.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id not in accepted_names:
+            raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{name}`.",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @router.get("/sftlab/stats")
+    async def stats():
+        return inference.engine.stats()
+
+    def render(body: dict) -> str:
+        messages = parse_messages(body.get("messages"))
+        try:
+            return inference.chat_prompt(messages)
+        except template_errors() as exc:
+            raise APIError(400, f"the {inference.template_name} template cannot format these messages: {exc}",
+                           param="messages", code="invalid_messages") from None
+
+    @router.post("/sftlab/render")
+    async def render_route(request: Request):
+        body = await read_body(request)
+        prompt = render(body)
+        return {"prompt": prompt, "prompt_tokens": len(inference.encode(prompt)), "template": inference.template_name}
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        model = check_model(body)
+        _unsupported(body, "tools", "functions", "logprobs", "top_logprobs", "audio", "prediction")
+        tool_choice = body.get("tool_choice")
+        if tool_choice not in (None, "none"):
+            raise APIError(400, "'tool_choice' is not supported by sftlab serve", param="tool_choice",
+                           code="unsupported_parameter")
+        response_format = body.get("response_format")
+        if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
+                           code="unsupported_parameter")
+        stream = _boolean(body, "stream")
+        include_usage = _stream_options(body, stream)
+        stop = _stop(body)
+        prompt_ids = inference.encode(render(body))
+        params, n = sampling(body, len(prompt_ids), None, chat=True)
+        job = _Job(inference, [prompt_ids] * n, params, stop)
+        completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if not stream:
+            try:
+                texts = await job.run(request)
+            except _EngineFailed as exc:
+                raise APIError(500, f"generation failed: {exc}", type="server_error") from None
+            choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None, "finish_reason": job.finish_reasons[i]} for i, text in enumerate(texts)]
+            return {"id": completion_id, "object": "chat.completion", "created": now, "model": model,
+                    "choices": choices, "usage": usage(len(prompt_ids), job), "system_fingerprint": None}
+
+        def chunk(index: int, delta: dict, finish: str | None) -> str:
+            data = {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model,
+                    "system_fingerprint": None,
+                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if include_usage:
+                data["usage"] = None
+            return _sse(data)
+
+        async def events():
+            try:
+                for i in range(n):
+                    yield chunk(i, {"role": "assistant", "content": ""}, None)
+                async for i, delta, finish in job.events():
+                    if delta:
+                        yield chunk(i, {"content": delta}, None)
+                    if finish:
+                        yield chunk(i, {}, finish)
+                if include_usage:
+                    yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model,
+                                "system_fingerprint": None, "choices": [], "usage": usage(len(prompt_ids), job)})
+            except _EngineFailed as exc:
+                yield error_event(exc)
+            finally:
+                job.cancel()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def completion_prompts(body: dict) -> list[list[int]]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return [inference.encode(prompt)]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                return [inference.encode(p) for p in prompt]
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                prompt = [prompt]
+            if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+                   for p in prompt):
+                if any(not 0 <= t < vocab_size for p in prompt for t in p):
+                    raise APIError(400, f"'prompt' token ids must be in 0..{vocab_size - 1}", param="prompt",
+                                   code="invalid_value")
+                return [list(p) for p in prompt]
+        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of lists "
+                       "of token ids", param="prompt", code="invalid_type")
+
+    @router.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        model = check_model(body)
+        _unsupported(body, "logprobs", "suffix", "best_of")
+        stream = _boolean(body, "stream")
+        include_usage = _stream_options(body, stream)
+        echo = _boolean(body, "echo")
+        stop = _stop(body)
+        prompts = completion_prompts(body)
+        if any(not p for p in prompts):
+            raise APIError(400, "'prompt' is empty (no tokens)", param="prompt", code="invalid_value")
+        params, n = sampling(body, max(map(len, prompts)), COMPLETIONS_DEFAULT_MAX_TOKENS, chat=False)
+        if len(prompts) * n > MAX_N:
+            raise APIError(400, f"at most {MAX_N} completions per request (prompts x n)", param="n", code="invalid_value")
+        rows = [p for p in prompts for _ in range(n)]
+        job = _Job(inference, rows, [params[j] for _ in prompts for j in range(n)], stop)
+        prompt_tokens = sum(map(len, prompts))
+        echoed = [tokenizer.decode(p, skip_special_tokens=False) if echo else "" for p in rows]
+        completion_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if not stream:
+            try:
+                texts = await job.run(request)
+            except _EngineFailed as exc:
+                raise APIError(500, f"generation failed: {exc}", type="server_error") from None
+            choices = [{"index": i, "text": echoed[i] + text, "logprobs": None, "finish_reason": job.finish_reasons[i]}
+                       for i, text in enumerate(texts)]
+            return {"id": completion_id, "object": "text_completion", "created": now, "model": model,
+                    "choices": choices, "usage": usage(prompt_tokens, job), "system_fingerprint": None}
+
+        def chunk(index: int, text: str, finish: str | None) -> str:
+            data = {"id": completion_id, "object": "text_completion", "created": now, "model": model,
+                    "system_fingerprint": None,
+                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+            if include_usage:
+                data["usage"] = None
+            return _sse(data)
+
+        async def events():
+            try:
+                for i, text in enumerate(echoed):
+                    if text:
+                        yield chunk(i, text, None)
+                async for i, delta, finish in job.events():
+                    if delta or finish:
+                        yield chunk(i, delta, finish)
+                if include_usage:
+                    yield _sse({"id": completion_id, "object": "text_completion", "created": now, "model": model,
+                                "system_fingerprint": None, "choices": [], "usage": usage(prompt_tokens, job)})
+            except _EngineFailed as exc:
+                yield error_event(exc)
+            finally:
+                job.cancel()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    app.include_router(router)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# running it
+
+
+def serve(
+    model_or_run: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    template: str | None = None,
+    max_batch_size: int = 8,
+    batch_window_ms: float = 20.0,
+    log_level: str = "info",
+) -> None:
+    """Load the model and serve it until interrupted (blocks)."""
+    import uvicorn
+
+    app = create_app(model_or_run, api_key=api_key, model_name=model_name, template=template,
+                     max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+
+
+class BackgroundServer:
+    """A uvicorn server on its own thread (and its own socket, so port 0 picks a free port)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.app = app
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.host, self.port = self._socket.getsockname()[:2]
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
+                                                     timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name="sftlab-serve", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """What the openai client takes: OpenAI(base_url=server.base_url, api_key=...)."""
+        return self.url + "/v1"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self._socket.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start() if not self._thread.is_alive() else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_in_background(model_or_app, host: str = "127.0.0.1", port: int = 0, **create_kwargs) -> BackgroundServer:
+    """Start a server on a thread; returns it started (use as a context manager to stop it)."""
+    app = model_or_app if isinstance(model_or_app, FastAPI) else create_app(model_or_app, **create_kwargs)
+    return BackgroundServer(app, host, port).start()
