@@ -34,3 +34,20 @@ def test_run_info_records_the_template(tiny_model_dir, tmp_path):
     train(load_config(overrides=[f"model={tiny_model_dir}", f"data={data}", f"output_dir={tmp_path / 'run'}", "max_steps=1"]))
     info = json.loads((tmp_path / "run" / "final" / "sftlab.json").read_text())
     assert info["template"] == "alpaca" and info["method"] == "full" and info["base_model"] == str(tiny_model_dir)
+
+
+def test_generation_stops_at_the_templates_end_token_when_it_is_not_eos(gemma_tokenizer, tmp_path):
+    """A Gemma-style template ends turns with <end_of_turn>, not <eos>: generation must stop there too."""
+    from sftlab.data.templates import get_template
+    from sftlab.infer.engine import stop_tokens
+
+    jinja = tmp_path / "gemma.jinja"
+    jinja.write_text(
+        "{%- for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n'"
+        " + m['content'] + '<end_of_turn>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{%- endif %}"
+    )
+    template = get_template(str(jinja), gemma_tokenizer)
+    assert template.end_token == "<end_of_turn>" != gemma_tokenizer.eos_token
+    ids, _ = stop_tokens(gemma_tokenizer, None, template)
+    assert {gemma_tokenizer.eos_token_id, gemma_tokenizer.convert_tokens_to_ids("<end_of_turn>")} <= ids

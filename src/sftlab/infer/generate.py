@@ -12,6 +12,7 @@ import torch
 
 from sftlab.data.formats import Conversation, Message
 from sftlab.data.templates import get_template
+from sftlab.infer.engine import stop_tokens
 from sftlab.models.loading import load_for_inference
 
 
@@ -47,6 +48,8 @@ class Generator:
         texts = [self.prompt_text(instruction, context) for instruction, context in prompts]
         device = next(self.model.parameters()).device
         tokenizer = self.tokenizer
+        # stop at EOS and at the template's end-of-turn token (e.g. chatml's <|im_end|>)
+        stop_ids = sorted(stop_tokens(tokenizer, self.model, get_template(self.template_name, tokenizer))[0])
         previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
         responses: list[str] = []
         try:
@@ -54,7 +57,7 @@ class Generator:
                 enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
                 sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
                 out = self.model.generate(
-                    **enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                    **enc, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                     pad_token_id=tokenizer.pad_token_id, **sampling,
                 )
                 new_tokens = out[:, enc["input_ids"].shape[1] :]
