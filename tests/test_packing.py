@@ -72,3 +72,41 @@ def test_training_with_packing_runs_and_learns(tiny_model_dir, tmp_path):
     result = train(_config(tiny_model_dir, tmp_path, "packing=true", "batch_size=2", "max_steps=20",
                            "learning_rate=3e-3", "warmup_ratio=0"))
     assert result.val_loss_after < result.val_loss_before - 1.0
+
+
+def _peak_extra_mb(mode: str) -> float:
+    """Run the loss on a 262k vocabulary in a fresh process; return the peak RSS it added (MB)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch, torch.nn.functional as F
+from sftlab.train.loss import _chunk_loss_sum
+torch.manual_seed(0)
+V, D, T = 262144, 64, 1024
+weight = torch.randn(V, D, requires_grad=True)
+hidden = torch.randn(T, D, requires_grad=True)
+targets = torch.randint(0, V, (T,))
+def hwm():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) / 1024
+base = rss()
+if "{mode}" == "full":
+    loss = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+else:
+    from torch.utils.checkpoint import checkpoint
+    loss = sum(checkpoint(_chunk_loss_sum, hidden[s:s + 128], weight, targets[s:s + 128], None, use_reentrant=False)
+               for s in range(0, T, 128))
+loss.backward()
+print(hwm() - base)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
+
+
+def test_chunked_loss_bounds_the_extra_memory_of_a_262k_vocabulary():
+    full, chunked = _peak_extra_mb("full"), _peak_extra_mb("chunked")
+    # full logits: 1024 x 262144 fp32 = 1 GiB, plus their gradient; chunks of 128 rows: 128 MiB each
+    assert full > 1500, full
+    assert chunked < 600, chunked

@@ -109,7 +109,7 @@ class RunConfig(_Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower")
     compile: bool = Field(False, description="torch.compile the model's decoder (dynamic shapes)")
     loss_chunk_size: int = Field(
-        1024, gt=0, description="trained positions per chunk of the output layer + loss (bounds logits memory)"
+        0, ge=0, description="trained positions per chunk of the output layer + loss; 0 = auto (~64M logits a chunk)"
     )
     seed: int = Field(42, description="seed for data order, initialisation and dropout")
     output_dir: str = Field("runs/default", description="run directory: checkpoints, metrics, reports")

@@ -44,11 +44,21 @@ def trained_hidden_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return hidden[:, :-1][selected], targets[selected]
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
-    """(sum of per-token cross-entropy over trained tokens, number of trained tokens)."""
+LOGITS_PER_CHUNK = 1 << 26  # 64M fp32 logits = 256 MB: 1,365 positions for SmolLM2, 256 for Gemma 3
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    return max(64, min(4096, LOGITS_PER_CHUNK // vocab_size))
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> tuple[torch.Tensor, int]:
+    """(sum of per-token cross-entropy over trained tokens, number of trained tokens).
+
+    chunk_size: trained positions per chunk (0 = auto from the vocabulary size)."""
     hidden, targets = trained_hidden_states(model, batch)
     lm = unwrap_model(model)
     weight = lm.get_output_embeddings().weight
+    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):
@@ -61,7 +71,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, device: torch.device, chunk_size: int = 1024) -> dict:
+def evaluate_loss(model, batches, device: torch.device, chunk_size: int = 0) -> dict:
     """Mean per-token response loss over batches (token-weighted, as in training)."""
     was_training = model.training
     model.eval()
