@@ -314,10 +314,15 @@ def main() -> None:
     print(f"measuring the matmul rate ({'bf16 CUDA' if torch.cuda.is_available() else 'fp32 CPU'}) ...", flush=True)
     matmul = measured_matmul_flops(0.5 if args.quick else 2.0)
     print(f"  {matmul / 1e9:.1f} GFLOP/s", flush=True)
-    results = [bench_one(model, method, args, matmul) for model in args.models.split(",") for method in args.methods.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = "quick" if args.quick else time.strftime("%Y%m%d-%H%M%S")
-    (args.out / f"bench-{stamp}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    results = []
+    for model in args.models.split(","):
+        for method in args.methods.split(","):
+            results.append(bench_one(model, method, args, matmul))
+            # written after every pair, so an interrupted bench keeps what it measured
+            (args.out / f"bench-{stamp}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+            print(markdown(results[-1:], machine).splitlines()[-1], flush=True)
     table = markdown(results, machine)
     (args.out / f"bench-{stamp}.md").write_text(table)
     if not args.quick:
