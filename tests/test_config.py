@@ -59,3 +59,12 @@ def test_resolved_config_round_trips(tmp_path):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["learning_rate"] == 2e-4 and saved["seed"] == 3
     assert load_config(tmp_path / "config.yaml").seed == 3
+
+
+def test_a_saved_config_reloads_with_the_same_data_paths(tmp_path, monkeypatch):
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "run.yaml").write_text("data: data/train.json\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("examples/run.yaml")  # a relative config path, as users type it
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml").data[0].path == str(tmp_path / "examples" / "data" / "train.json")

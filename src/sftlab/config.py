@@ -245,7 +245,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, found {type(raw).__name__}")
         _check_unknown_keys(raw, RunConfig, where)
-        _resolve_data_paths(raw, path.parent)
+        _resolve_data_paths(raw, path.parent.resolve())  # absolute: the saved config reloads from anywhere
     for text in overrides or []:
         keys, value = parse_override(text)
         _check_unknown_keys(_nest(keys, value), RunConfig, f"--set {text}")
