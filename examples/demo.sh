@@ -36,3 +36,6 @@ s = json.load(open(f"{sys.argv[1]}/train_summary.json"))
 print(f"== held-out response loss: {s['val_loss_before']:.4f} (base) -> {s['val_loss_after']:.4f} (tuned); "
       f"{s['steps']} steps in {s['seconds']:.0f}s at {s['tokens_per_second']:.0f} tokens/s")
 PY
+
+echo; echo "== 5. evaluate: held-out loss, instruction following (a quick 20-prompt slice), forgetting"
+"$SFTLAB" eval "$RUN" --limit "${EVAL_LIMIT:-20}" --max-new-tokens 64 --side-by-side 3
