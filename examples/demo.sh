@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: pull the default model, ask it 3 held-out instructions, fine-tune it
-# on the demo data (examples/demo.yaml, a few minutes on 2 CPU cores), then ask again.
+# on the demo data (examples/demo.yaml, a few minutes on 2 CPU cores), ask again, then evaluate (sftlab eval).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SFTLAB=${SFTLAB:-.venv/bin/sftlab}
