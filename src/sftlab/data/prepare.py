@@ -168,14 +168,8 @@ def _tokenize(conversations, template, tokenizer, config, report, dropped) -> li
     examples: list[Example] = []
     for start in range(0, len(conversations), TOKENIZE_BATCH):
         chunk = conversations[start : start + TOKENIZE_BATCH]
-        rendered, sources = [], []
-        for c in chunk:
-            try:
-                rendered.append(template.render(c, config.train_on))
-                sources.append(c.source)
-            except DataError as exc:  # pragma: no cover - templates raise TemplateError, kept for safety
-                dropped.append(Dropped(c.source, exc.reason, str(exc)))
-        results = tokenize_rendered(tokenizer, rendered, sources, config.max_length)
+        rendered = [template.render(c, config.train_on) for c in chunk]
+        results = tokenize_rendered(tokenizer, rendered, [c.source for c in chunk], config.max_length)
         report.add(results)
         examples += [r for r in results if isinstance(r, Example)]
         dropped += [r for r in results if isinstance(r, Dropped)]
