@@ -112,7 +112,8 @@ def run_sftlab(spec: dict) -> dict:
     data.write_text("".join(json.dumps(r) + "\n" for r in bench_rows(Path(spec["data"]), spec["rows"])))
     overrides = [
         f"model={spec['model']}", f"data={data}", "template=alpaca", f"max_length={spec['max_length']}",
-        f"method={spec['method']}", f"batch_size={spec['batch']}", f"max_steps={spec['warmup'] + spec['steps']}",
+        f"method={spec['method']}", f"batch_size={spec['batch'] // spec['accumulation']}",
+        f"gradient_accumulation_steps={spec['accumulation']}", f"max_steps={spec['warmup'] + spec['steps']}",
         f"learning_rate={spec['lr']}", "warmup_ratio=0", "lr_scheduler=constant", f"output_dir={work / 'run'}",
         "logging_steps=1", "cache=false", f"packing={str(spec['packing']).lower()}", "group_by_length=true",
         "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "seed=0",
@@ -127,7 +128,7 @@ def run_sftlab(spec: dict) -> dict:
     tokens = sum(r["input_tokens"] for r in timed)
     return {"tool": "sftlab", "packing": spec["packing"], "tokens": tokens, "seconds": seconds,
             "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_memory_mb(),
-            "first_batch_loss": run_worker("sftlab-first-loss", spec)["first_batch_loss"],
+            "first_batch_loss": run_worker("sftlab-first-loss", spec)["first_batch_loss"] if spec.get("first_loss", True) else None,
             "final_loss": result.final_train_loss}
 
 
@@ -235,7 +236,8 @@ def bench_one(model: str, method: str, args, matmul_flops: float) -> dict:
     lr = 2e-5 if method == "full" else 2e-4
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"model": model, "method": method, "data": str(args.data), "rows": args.rows, "max_length": args.max_length,
-                "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr}
+                "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr,
+                "accumulation": args.batch // args.sftlab_micro_batch, "extra": args.sftlab_set}
         runs = {}
         for tool, packing in [("sftlab", args.sftlab_packing), ("trl", False), ("trl", True)]:
             if tool == "trl" and args.trl_packing != "both" and packing != (args.trl_packing == "on"):
@@ -266,6 +268,57 @@ def bench_one(model: str, method: str, args, matmul_flops: float) -> dict:
         "sftlab_flops_utilisation": ours["tokens_per_s"] * fpt / matmul_flops,
         "trl_flops_utilisation": best_trl["tokens_per_s"] * fpt / matmul_flops,
     }
+
+
+# each technique switched off (or, for the options, on) in turn: (name, spec changes)
+TECHNIQUES = [
+    ("sftlab as benchmarked (packing, 1-row micro-batches, fused linear+CE, fused AdamW)", {}),
+    ("packing off: length-grouped padded micro-batches of 8 examples", {"packing": False, "accumulation": 1}),
+    ("whole batch in one micro-batch instead of 1-row micro-batches", {"accumulation": 1}),
+    ("chunked linear+CE with recompute instead of fused", {"extra": ["loss_impl=chunked"]}),
+    ("foreach AdamW instead of fused", {"extra": ["fused_optimizer=false"]}),
+    ("+ activation checkpointing", {"extra": ["gradient_checkpointing=true"]}),
+    ("+ torch.compile (decoder, dynamic shapes)", {"extra": ["compile=true"]}),
+]
+
+
+def ablate(args, machine: str, matmul_flops: float, stamp: str) -> None:
+    """sftlab alone, one technique changed at a time, against the benchmarked configuration."""
+    rows = []
+    for model in args.models.split(","):
+        for method in args.methods.split(","):
+            lr = 2e-5 if method == "full" else 2e-4
+            base = {"model": model, "method": method, "data": str(args.data), "rows": args.rows,
+                    "max_length": args.max_length, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+                    "lr": lr, "accumulation": args.batch // args.sftlab_micro_batch, "extra": args.sftlab_set,
+                    "packing": args.sftlab_packing, "first_loss": False}
+            reference = None
+            chosen = range(len(TECHNIQUES)) if args.ablate == "all" else [int(i) for i in args.ablate.split(",")]
+            for name, change in [TECHNIQUES[i] for i in chosen]:
+                spec = {**base, **change, "extra": base["extra"] + change.get("extra", [])}
+                print(f"  {model} {method}: {name} ...", flush=True)
+                with tempfile.TemporaryDirectory() as tmp:
+                    try:
+                        result = run_worker("sftlab", {**spec, "workdir": tmp})
+                    except RuntimeError as error:  # e.g. torch.compile without a C compiler: report, go on
+                        print(f"    failed: {str(error).splitlines()[0]}", flush=True)
+                        continue
+                reference = reference or result
+                rows.append({"model": model, "method": method, "variant": name, **result,
+                             "throughput_vs_benchmarked": result["tokens_per_s"] / reference["tokens_per_s"],
+                             "memory_vs_benchmarked": result["peak_memory_mb"] / reference["peak_memory_mb"]})
+                (args.out / f"ablation-{stamp}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+                print(f"    {result['tokens_per_s']:.1f} tok/s, {result['peak_memory_mb']:.0f} MB", flush=True)
+    lines = [f"Machine: {machine}", "", "| model | method | variant | tok/s | vs benchmarked | peak MB | vs benchmarked |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {Path(r['model']).name} | {r['method']} | {r['variant']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['throughput_vs_benchmarked']:.2f}× | {r['peak_memory_mb']:.0f} | {r['memory_vs_benchmarked']:.2f}× |")
+    table = "\n".join(lines) + "\n"
+    (args.out / f"ablation-{stamp}.md").write_text(table)
+    if not args.quick:
+        (args.out / "ablation-latest.md").write_text(table)
+    print(table)
 
 
 def markdown(results: list[dict], machine: str) -> str:
@@ -301,12 +354,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
     parser.add_argument("--sftlab-packing", type=lambda v: v.lower() in ("1", "true", "on"), default=True)
+    parser.add_argument("--sftlab-micro-batch", type=int, default=1,
+                        help="sftlab's rows per micro-batch (the global batch is --batch either way: "
+                             "batch/micro-batch accumulation steps, exact token-weighted)")
+    parser.add_argument("--sftlab-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra sftlab config overrides (repeatable)")
     parser.add_argument("--trl-packing", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--ablate", metavar="all|I,J,...",
+                        help="instead of the comparison: sftlab alone, each technique switched off in turn "
+                             "(all, or indices into TECHNIQUES; 0 is the benchmarked configuration)")
     parser.add_argument("--quick", action="store_true", help="a few rows and one timed step (for the tests)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
         args.rows, args.steps, args.warmup, args.batch, args.max_length = 8, 1, 1, 4, 128
+    if args.batch % args.sftlab_micro_batch:
+        parser.error(f"--batch {args.batch} is not a multiple of --sftlab-micro-batch {args.sftlab_micro_batch}")
     import torch
 
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
@@ -316,6 +379,9 @@ def main() -> None:
     print(f"  {matmul / 1e9:.1f} GFLOP/s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = "quick" if args.quick else time.strftime("%Y%m%d-%H%M%S")
+    if args.ablate:
+        ablate(args, machine, matmul, stamp)
+        return
     results = []
     for model in args.models.split(","):
         for method in args.methods.split(","):

@@ -30,10 +30,11 @@ def _examples(tiny_model_dir, tokenizer, tmp_path):
     return prepare_data(_config(tiny_model_dir, tmp_path), tokenizer).train
 
 
-def test_chunked_loss_equals_cross_entropy_on_full_logits(tiny_model_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_chunked_loss_equals_cross_entropy_on_full_logits(tiny_model_dir, tokenizer, tmp_path, impl):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     batch = collate(_examples(tiny_model_dir, tokenizer, tmp_path)[:6], tokenizer.pad_token_id)
-    summed, count = token_loss_sum(model, batch, chunk_size=7)  # chunks smaller than the token count
+    summed, count = token_loss_sum(model, batch, chunk_size=7, impl=impl)  # chunks smaller than the token count
     (summed / count).backward()
     chunked_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -44,6 +45,37 @@ def test_chunked_loss_equals_cross_entropy_on_full_logits(tiny_model_dir, tokeni
     assert torch.allclose(summed, reference, rtol=1e-5)
     for mine, theirs in zip(chunked_grads, (p.grad for p in model.parameters())):
         assert torch.allclose(mine, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("weight_trained", [True, False])
+def test_fused_linear_cross_entropy_matches_autograd(softcap, weight_trained):
+    """Value and gradients of the fused function (grads made in forward) against plain autograd,
+    with Gemma-style logit soft-capping, a frozen output layer (LoRA) and a non-unit upstream grad."""
+    from sftlab.train.loss import _FusedLinearCrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=weight_trained)
+    targets = torch.randint(0, 50, (23,))
+
+    fused = _FusedLinearCrossEntropy.apply(hidden, weight, targets, 5, softcap)
+    (fused * 0.37).backward()
+    fused_grads = (hidden.grad.clone(), weight.grad.clone() if weight_trained else None)
+    hidden.grad = None
+    weight.grad = None
+
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    reference = F.cross_entropy(logits, targets, reduction="sum")
+    (reference * 0.37).backward()
+    assert torch.allclose(fused.double(), reference, rtol=1e-6)
+    assert torch.allclose(fused_grads[0], hidden.grad, atol=1e-10)
+    if weight_trained:
+        assert torch.allclose(fused_grads[1], weight.grad, atol=1e-10)
+    else:
+        assert weight.grad is None
 
 
 def test_one_batch_of_8_equals_4_micro_batches_of_2(tiny_model_dir, tokenizer, tmp_path):

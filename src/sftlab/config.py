@@ -108,6 +108,12 @@ class RunConfig(_Strict):
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower")
     compile: bool = Field(False, description="torch.compile the model's decoder (dynamic shapes)")
+    loss_impl: Literal["fused", "chunked"] = Field(
+        "fused",
+        description="output layer + loss: fused (gradients computed in forward, no recompute) or chunked "
+        "(logits recomputed in backward: least memory)",
+    )
+    fused_optimizer: bool = Field(True, description="use PyTorch's fused AdamW kernel (CPU and CUDA)")
     loss_chunk_size: int = Field(
         0, ge=0, description="trained positions per chunk of the output layer + loss; 0 = auto (~64M logits a chunk)"
     )

@@ -69,7 +69,8 @@ def _optimizer(model, config: RunConfig, device: torch.device) -> torch.optim.Op
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
-        groups, lr=config.resolved_learning_rate, betas=(0.9, 0.999), fused=device.type == "cuda"
+        groups, lr=config.resolved_learning_rate, betas=(0.9, 0.999),
+        fused=config.fused_optimizer and device.type in ("cpu", "cuda"),
     )
 
 
@@ -207,7 +208,7 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
             for batch in batches:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
                 with autocast:
-                    summed, _ = token_loss_sum(model, batch, config.loss_chunk_size)
+                    summed, _ = token_loss_sum(model, batch, config.loss_chunk_size, config.loss_impl)
                 (summed / max(step_tokens, 1)).backward()
                 loss_sum += summed.detach()
             if config.max_grad_norm > 0:

@@ -1,9 +1,16 @@
 """The SFT loss: summed cross-entropy over trained tokens, computed chunk by chunk.
 
-Only trained positions go through the output layer, and they go in chunks whose logits are
-recomputed in backward (activation checkpointing per chunk), so the [tokens x vocabulary]
-logits never exist for the whole batch: with Gemma's 262k vocabulary they would be the
-largest tensor of the step (Cut Cross-Entropy reports 24 GB -> 1 MB for Gemma 2).
+Only trained positions go through the output layer, and they go in chunks, so the
+[tokens x vocabulary] logits never exist for the whole batch: with Gemma's 262k vocabulary they
+would be the largest tensor of the step (Cut Cross-Entropy reports 24 GB -> 1 MB for Gemma 2).
+Two ways to get the gradients (``loss_impl``):
+
+- ``fused`` (default): each chunk's gradients are computed in the forward pass, while its
+  logits exist (softmax - one-hot, then two matmuls); backward only scales them. No logits are
+  recomputed, at the cost of one weight-sized gradient buffer (the idea of Liger Kernel's fused
+  linear cross-entropy).
+- ``chunked``: each chunk is checkpointed and its logits recomputed in backward: the least
+  memory, one extra output-layer forward on trained positions.
 
 The function returns the *sum* and the trained-token count: the loop divides by the count
 of the whole optimizer step (all micro-batches), so gradient accumulation gives the same
@@ -44,6 +51,57 @@ def trained_hidden_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return hidden[:, :-1][selected], targets[selected]
 
 
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap):
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        # matmuls in the autocast dtype when autocast is on (bf16 on CUDA), else in the weight's
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        w = weight.to(dtype)
+        loss_dtype = torch.promote_types(dtype, torch.float32)  # softmax in fp32 at least
+        total = torch.zeros((), dtype=loss_dtype, device=hidden.device)
+        with torch.autocast(device_type, enabled=False):
+            for start in range(0, targets.numel(), chunk_size):
+                h, t = hidden[start : start + chunk_size].to(dtype), targets[start : start + chunk_size]
+                logits = F.linear(h, w).to(loss_dtype)
+                if softcap:
+                    capped = torch.tanh(logits / softcap)
+                    logits = capped * softcap
+                rows = torch.arange(t.numel(), device=t.device)
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits[rows, t]).sum()
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[rows, t] -= 1
+                if softcap:
+                    grad.mul_(1 - capped * capped)
+                    del capped
+                grad = grad.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk_size] = grad @ w
+                if grad_weight is not None:
+                    if grad_weight.dtype == dtype:
+                        grad_weight.addmm_(grad.T, h)
+                    else:
+                        grad_weight.add_(grad.T @ h)
+                del logits, grad
+        ctx.grads = (grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads  # in place and once: no second weight-sized buffer
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(grad_output.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None
+
+
 LOGITS_PER_CHUNK = 1 << 26  # 64M fp32 logits = 256 MB: 1,365 positions for SmolLM2, 256 for Gemma 3
 
 
@@ -51,15 +109,22 @@ def auto_chunk_size(vocab_size: int) -> int:
     return max(64, min(4096, LOGITS_PER_CHUNK // vocab_size))
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> tuple[torch.Tensor, int]:
+def token_loss_sum(
+    model, batch: dict[str, torch.Tensor], chunk_size: int = 0, impl: str = "fused"
+) -> tuple[torch.Tensor, int]:
     """(sum of per-token cross-entropy over trained tokens, number of trained tokens).
 
-    chunk_size: trained positions per chunk (0 = auto from the vocabulary size)."""
+    chunk_size: trained positions per chunk (0 = auto from the vocabulary size);
+    impl: "fused" (gradients in forward) or "chunked" (logits recomputed in backward)."""
     hidden, targets = trained_hidden_states(model, batch)
     lm = unwrap_model(model)
     weight = lm.get_output_embeddings().weight
     chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
     softcap = getattr(lm.config, "final_logit_softcapping", None)
+    if impl == "fused" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, softcap), int(targets.numel())
+    if impl not in ("fused", "chunked"):
+        raise ValueError(f"unknown loss_impl {impl!r}: use 'fused' or 'chunked'")
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
