@@ -78,6 +78,31 @@ def test_fused_linear_cross_entropy_matches_autograd(softcap, weight_trained):
         assert weight.grad is None
 
 
+@pytest.mark.parametrize("existing_grad", [False, True])
+def test_fused_loss_can_add_the_weight_gradient_in_forward(existing_grad):
+    """With the upstream factor promised (the loop's 1/step tokens), the weight gradient goes
+    straight into weight.grad, adding to what is there; a different factor is refused."""
+    from sftlab.train.loss import _FusedLinearCrossEntropy
+
+    torch.manual_seed(1)
+    hidden = torch.randn(19, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 30, (19,))
+    before = torch.randn_like(weight) if existing_grad else None
+    weight.grad = None if before is None else before.clone()
+    (_FusedLinearCrossEntropy.apply(hidden, weight, targets, 4, None, 0.25) * 0.25).backward()
+    direct = (hidden.grad.clone(), weight.grad.clone())
+
+    hidden.grad, weight.grad = None, None
+    (F.cross_entropy(hidden @ weight.T, targets, reduction="sum") * 0.25).backward()
+    assert torch.allclose(direct[0], hidden.grad, atol=1e-10)
+    expected = weight.grad if before is None else weight.grad + before
+    assert torch.allclose(direct[1], expected, atol=1e-10)
+
+    with pytest.raises(RuntimeError, match="upstream factor"):
+        (_FusedLinearCrossEntropy.apply(hidden, weight, targets, 4, None, 0.25) * 0.5).backward()
+
+
 def test_one_batch_of_8_equals_4_micro_batches_of_2(tiny_model_dir, tokenizer, tmp_path):
     examples = _examples(tiny_model_dir, tokenizer, tmp_path)[:8]
     assert len({e.trained_token_count for e in examples}) > 1  # unequal lengths: a mean of means would differ

@@ -208,7 +208,8 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
             for batch in batches:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
                 with autocast:
-                    summed, _ = token_loss_sum(model, batch, config.loss_chunk_size, config.loss_impl)
+                    summed, _ = token_loss_sum(model, batch, config.loss_chunk_size, config.loss_impl,
+                                               weight_grad_scale=1 / max(step_tokens, 1))
                 (summed / max(step_tokens, 1)).backward()
                 loss_sum += summed.detach()
             if config.max_grad_norm > 0:

@@ -19,6 +19,8 @@ loss and gradients as one big batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -52,12 +54,26 @@ def trained_hidden_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), gradients computed chunk by chunk in forward."""
+    """sum_i CE(hidden_i @ weight.T, target_i), gradients computed chunk by chunk in forward.
+
+    weight_grad_scale: when the caller knows the factor its backward will bring (the loop's
+    1 / trained tokens of the step), the weight's gradient times that factor is added straight
+    into ``weight.grad`` during forward, so no weight-sized buffer lives until backward (670 MB
+    for Gemma 3's output layer). Backward then checks the factor was the promised one.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap, weight_grad_scale=None):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_weight, alpha = None, 1.0
+        ctx.weight_grad_scale = None
+        if ctx.needs_input_grad[1]:
+            if weight_grad_scale is None:
+                grad_weight = torch.zeros_like(weight)
+            else:
+                if weight.grad is None:
+                    weight.grad = torch.zeros_like(weight)
+                grad_weight, alpha, ctx.weight_grad_scale = weight.grad, weight_grad_scale, weight_grad_scale
         # matmuls in the autocast dtype when autocast is on (bf16 on CUDA), else in the weight's
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
@@ -84,22 +100,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_hidden[start : start + chunk_size] = grad @ w
                 if grad_weight is not None:
                     if grad_weight.dtype == dtype:
-                        grad_weight.addmm_(grad.T, h)
+                        grad_weight.addmm_(grad.T, h, alpha=alpha)
                     else:
-                        grad_weight.add_(grad.T @ h)
+                        grad_weight.add_(grad.T @ h, alpha=alpha)
                 del logits, grad
-        ctx.grads = (grad_hidden, grad_weight)
+        ctx.grads = (grad_hidden, None if ctx.weight_grad_scale is not None else grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.grads
         del ctx.grads  # in place and once: no second weight-sized buffer
+        expected = ctx.weight_grad_scale
+        # checked on CPU only: on CUDA reading grad_output would stall the step on a sync
+        if expected is not None and grad_output.device.type == "cpu" and not math.isclose(
+            float(grad_output), expected, rel_tol=1e-5
+        ):
+            raise RuntimeError(
+                f"fused loss: the weight gradient was applied in forward for an upstream factor of {expected}, "
+                f"but backward brought {float(grad_output)}; call token_loss_sum without weight_grad_scale"
+            )
         if grad_hidden is not None:
             grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight.mul_(grad_output.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 LOGITS_PER_CHUNK = 1 << 26  # 64M fp32 logits = 256 MB: 1,365 positions for SmolLM2, 256 for Gemma 3
@@ -110,19 +135,23 @@ def auto_chunk_size(vocab_size: int) -> int:
 
 
 def token_loss_sum(
-    model, batch: dict[str, torch.Tensor], chunk_size: int = 0, impl: str = "fused"
+    model, batch: dict[str, torch.Tensor], chunk_size: int = 0, impl: str = "fused",
+    weight_grad_scale: float | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(sum of per-token cross-entropy over trained tokens, number of trained tokens).
 
     chunk_size: trained positions per chunk (0 = auto from the vocabulary size);
-    impl: "fused" (gradients in forward) or "chunked" (logits recomputed in backward)."""
+    impl: "fused" (gradients in forward) or "chunked" (logits recomputed in backward);
+    weight_grad_scale (fused only): the factor the caller's backward will multiply the sum by;
+    the output layer's gradient then goes straight into its .grad (see the fused function)."""
     hidden, targets = trained_hidden_states(model, batch)
     lm = unwrap_model(model)
     weight = lm.get_output_embeddings().weight
     chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if impl == "fused" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, softcap), int(targets.numel())
+        total = _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, softcap, weight_grad_scale)
+        return total, int(targets.numel())
     if impl not in ("fused", "chunked"):
         raise ValueError(f"unknown loss_impl {impl!r}: use 'fused' or 'chunked'")
     total = hidden.new_zeros((), dtype=torch.float32)
