@@ -94,6 +94,9 @@ def rss():
 base = rss()
 if "{mode}" == "full":
     loss = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+elif "{mode}" == "fused":
+    from sftlab.train.loss import _FusedLinearCrossEntropy
+    loss = _FusedLinearCrossEntropy.apply(hidden, weight, targets, 128, None, 1.0)
 else:
     from torch.utils.checkpoint import checkpoint
     loss = sum(checkpoint(_chunk_loss_sum, hidden[s:s + 128], weight, targets[s:s + 128], None, use_reentrant=False)
@@ -106,7 +109,8 @@ print(hwm() - base)
 
 
 def test_chunked_loss_bounds_the_extra_memory_of_a_262k_vocabulary():
-    full, chunked = _peak_extra_mb("full"), _peak_extra_mb("chunked")
+    full, chunked, fused = _peak_extra_mb("full"), _peak_extra_mb("chunked"), _peak_extra_mb("fused")
     # full logits: 1024 x 262144 fp32 = 1 GiB, plus their gradient; chunks of 128 rows: 128 MiB each
     assert full > 1500, full
     assert chunked < 600, chunked
+    assert fused < 600, fused

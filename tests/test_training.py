@@ -78,6 +78,28 @@ def test_fused_linear_cross_entropy_matches_autograd(softcap, weight_trained):
         assert weight.grad is None
 
 
+def test_fused_loss_under_bf16_autocast_matches_autograd():
+    """The CUDA path (bf16 autocast, fp32 weights), exercised with CPU autocast."""
+    from sftlab.train.loss import _FusedLinearCrossEntropy
+
+    torch.manual_seed(2)
+    hidden = torch.randn(21, 32, requires_grad=True)
+    weight = torch.randn(64, 32, requires_grad=True)
+    targets = torch.randint(0, 64, (21,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _FusedLinearCrossEntropy.apply(hidden, weight, targets, 8, None, None)
+    fused.backward()
+    fused_grads = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad, weight.grad = None, None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+    reference.backward()
+    assert fused.dtype == torch.float32 and fused_grads[1].dtype == torch.float32
+    assert torch.allclose(fused, reference, rtol=1e-2)
+    assert torch.allclose(fused_grads[0], hidden.grad, rtol=5e-2, atol=5e-2)
+    assert torch.allclose(fused_grads[1], weight.grad, rtol=5e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("existing_grad", [False, True])
 def test_fused_loss_can_add_the_weight_gradient_in_forward(existing_grad):
     """With the upstream factor promised (the loop's 1/step tokens), the weight gradient goes
