@@ -55,7 +55,9 @@ def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path):
     assert result.returncode == 1
     assert "unknown config key 'modle'" in result.stdout and "Did you mean 'model'" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
-    data = tmp_path / "d.jsonl"
+    # A long path must not be broken across lines: "FILE:LINE: what" stays one greppable piece.
+    (tmp_path / ("deep" * 20)).mkdir()
+    data = tmp_path / ("deep" * 20) / "d.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
     result = sftlab("prepare", "examples/demo.yaml", "--set", f"data={data}", "--set", f"output_dir={tmp_path}", check=False)
-    assert result.returncode == 1 and "d.jsonl:2: missing field 'output'" in result.stdout.replace("\n", "")
+    assert result.returncode == 1 and f"{data}:2: missing field 'output'" in result.stdout

@@ -27,7 +27,9 @@ SET_HELP = "Override a config key, e.g. --set learning_rate=1e-4 --set lora.r=8 
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: never insert line breaks into a message (a path or a row number must stay greppable);
+    # the terminal wraps long lines itself.
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
