@@ -272,11 +272,12 @@ def bench_one(model: str, method: str, args, matmul_flops: float) -> dict:
 
 # each technique switched off (or, for the options, on) in turn: (name, spec changes)
 TECHNIQUES = [
-    ("sftlab as benchmarked (packing, 1-row micro-batches, fused linear+CE, fused AdamW)", {}),
+    ("sftlab as benchmarked (packing, 1-row micro-batches, fused linear+CE, fused AdamW, in-place embedding grad)", {}),
     ("packing off: length-grouped padded micro-batches of 8 examples", {"packing": False, "accumulation": 1}),
     ("whole batch in one micro-batch instead of 1-row micro-batches", {"accumulation": 1}),
     ("chunked linear+CE with recompute instead of fused", {"extra": ["loss_impl=chunked"]}),
     ("foreach AdamW instead of fused", {"extra": ["fused_optimizer=false"]}),
+    ("embedding gradient through autograd (dense buffer) instead of in place", {"extra": ["embedding_grad_in_place=false"]}),
     ("+ activation checkpointing", {"extra": ["gradient_checkpointing=true"]}),
     ("+ torch.compile (decoder, dynamic shapes)", {"extra": ["compile=true"]}),
 ]

@@ -114,6 +114,11 @@ class RunConfig(_Strict):
         "(logits recomputed in backward: least memory)",
     )
     fused_optimizer: bool = Field(True, description="use PyTorch's fused AdamW kernel (CPU and CUDA)")
+    embedding_grad_in_place: bool = Field(
+        True,
+        description="full fine-tune: the input embedding's backward adds its rows straight into weight.grad "
+        "(no dense vocabulary x hidden buffer per micro-batch); off under compile",
+    )
     loss_chunk_size: int = Field(
         0, ge=0, description="trained positions per chunk of the output layer + loss; 0 = auto (~64M logits a chunk)"
     )

@@ -32,6 +32,7 @@ from sftlab.train.checkpoint import (
     save_model,
     verify_saved_template,
 )
+from sftlab.train.embedding import add_embedding_grad_in_place
 from sftlab.train.loss import unwrap_model, evaluate_loss, token_loss_sum
 
 
@@ -120,6 +121,8 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.method == "lora":
             model.enable_input_require_grads()
+    if config.method == "full" and config.embedding_grad_in_place and not config.compile:
+        add_embedding_grad_in_place(model)
     if config.compile:
         # compile the decoder only: the chunked loss runs outside it, and shapes vary per batch
         unwrap_model(model).get_decoder().compile(dynamic=True)
