@@ -248,3 +248,26 @@ def test_validation_every_n_steps_keeps_the_best_model_and_stops_early(tiny_mode
     best = AutoModelForCausalLM.from_pretrained(Path(result.output_dir) / "best")
     loss = evaluate_loss(best, [collate(val, tokenizer.pad_token_id)], torch.device("cpu"))["loss"]
     assert loss == pytest.approx(result.best_val_loss, rel=1e-4)
+
+
+def test_stashed_tokenizer_saves_the_same_files_and_cleans_up(tokenizer, tmp_path):
+    """Training frees the tokenizer after tokenizing; checkpoints still get its exact files."""
+    import gc
+
+    from sftlab.train.checkpoint import StashedTokenizer
+
+    direct, copied = tmp_path / "direct", tmp_path / "copied"
+    direct.mkdir()
+    copied.mkdir()
+    tokenizer.save_pretrained(direct)
+    stashed = StashedTokenizer(tokenizer)
+    stashed.save_pretrained(copied)
+    assert stashed.pad_token_id == tokenizer.pad_token_id and stashed.eos_token == tokenizer.eos_token
+    names = sorted(f.name for f in direct.iterdir())
+    assert names == sorted(f.name for f in copied.iterdir()) and "tokenizer.json" in names
+    for name in names:
+        assert (direct / name).read_bytes() == (copied / name).read_bytes(), name
+    folder = stashed.folder
+    del stashed
+    gc.collect()
+    assert not folder.exists()

@@ -7,6 +7,8 @@ import json
 import random
 import re
 import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -29,6 +31,26 @@ def run_info(config: RunConfig, tokenizer) -> dict:
         "max_length": config.max_length,
         "eos_token": tokenizer.eos_token,
     }
+
+
+class StashedTokenizer:
+    """A tokenizer written to a temporary folder once, so the live one can be freed.
+
+    Training needs the tokenizer only to tokenize the data and, later, to save it beside each
+    checkpoint; Gemma 3's 262k-entry tokenizer holds about 300 MB meanwhile. Saving copies the
+    files ``save_pretrained`` wrote, so checkpoints hold exactly what they would otherwise."""
+
+    def __init__(self, tokenizer):
+        self.folder = Path(tempfile.mkdtemp(prefix="sftlab-tokenizer-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        tokenizer.save_pretrained(self.folder)
+        self.eos_token = tokenizer.eos_token
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def save_pretrained(self, folder: Path) -> None:
+        for file in self.folder.iterdir():
+            if file.is_file():
+                shutil.copy2(file, Path(folder) / file.name)
 
 
 def save_model(model, tokenizer, config: RunConfig, folder: Path) -> None:

@@ -8,6 +8,7 @@ exact.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -26,6 +27,7 @@ from sftlab.data.prepare import prepare_data
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.models.loading import load_causal_lm, load_tokenizer, pick_device
 from sftlab.train.checkpoint import (
+    StashedTokenizer,
     list_checkpoints,
     load_trainer_state,
     save_checkpoint,
@@ -105,6 +107,8 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     tokenizer = load_tokenizer(config.model)
     data = prepare_data(config, tokenizer)
     data.save_report(output_dir)
+    tokenizer = StashedTokenizer(tokenizer)  # on disk from here on: frees its memory for training
+    gc.collect()
     console.print(
         f"data: {len(data.train)} train / {len(data.val)} validation rows, "
         f"{data.report['split']['train_trained_tokens']:,} trained tokens, "
