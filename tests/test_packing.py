@@ -113,4 +113,6 @@ def test_chunked_loss_bounds_the_extra_memory_of_a_262k_vocabulary():
     # full logits: 1024 x 262144 fp32 = 1 GiB, plus their gradient; chunks of 128 rows: 128 MiB each
     assert full > 1500, full
     assert chunked < 600, chunked
-    assert fused < 600, fused
+    # fused: one chunk's logits, turned into their gradient in place (128 MiB), and the weight's
+    # gradient (64 MiB); a second chunk-sized temporary (e.g. from torch.logsumexp) would exceed this
+    assert fused < 300, fused

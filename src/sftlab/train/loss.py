@@ -83,14 +83,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             for start in range(0, targets.numel(), chunk_size):
                 h, t = hidden[start : start + chunk_size].to(dtype), targets[start : start + chunk_size]
+                # one [chunk x vocabulary] buffer (two with a softcap): softmax and its gradient are
+                # computed in place of the logits (torch.logsumexp would allocate another)
                 logits = F.linear(h, w).to(loss_dtype)
                 if softcap:
-                    capped = torch.tanh(logits / softcap)
-                    logits = capped * softcap
+                    capped = torch.tanh(logits.div_(softcap))
+                    logits = torch.mul(capped, softcap, out=logits)
                 rows = torch.arange(t.numel(), device=t.device)
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits[rows, t]).sum()
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                picked = logits[rows, t]
+                top = logits.amax(dim=-1, keepdim=True)
+                grad = logits.sub_(top).exp_()
+                sums = grad.sum(dim=-1)
+                total += (sums.log() + top.squeeze(-1) - picked).sum()
+                grad.div_(sums[:, None])  # softmax
                 grad[rows, t] -= 1
                 if softcap:
                     grad.mul_(1 - capped * capped)
