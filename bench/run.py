@@ -272,13 +272,14 @@ def bench_one(model: str, method: str, args, matmul_flops: float) -> dict:
 
 # each technique switched off (or, for the options, on) in turn: (name, spec changes)
 TECHNIQUES = [
-    ("sftlab as benchmarked (packing, 1-row micro-batches, fused linear+CE, fused AdamW, in-place embedding grad)", {}),
+    ("sftlab as benchmarked (packing, 1-row micro-batches, activation checkpointing, fused linear+CE, "
+     "fused AdamW, in-place embedding grad)", {}),
     ("packing off: length-grouped padded micro-batches of 8 examples", {"packing": False, "accumulation": 1}),
     ("whole batch in one micro-batch instead of 1-row micro-batches", {"accumulation": 1}),
     ("chunked linear+CE with recompute instead of fused", {"extra": ["loss_impl=chunked"]}),
     ("foreach AdamW instead of fused", {"extra": ["fused_optimizer=false"]}),
     ("embedding gradient through autograd (dense buffer) instead of in place", {"extra": ["embedding_grad_in_place=false"]}),
-    ("+ activation checkpointing", {"extra": ["gradient_checkpointing=true"]}),
+    ("activation checkpointing off", {"extra": ["gradient_checkpointing=false"]}),
     ("+ torch.compile (decoder, dynamic shapes)", {"extra": ["compile=true"]}),
 ]
 
@@ -360,6 +361,9 @@ def main() -> None:
                              "batch/micro-batch accumulation steps, exact token-weighted)")
     parser.add_argument("--sftlab-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra sftlab config overrides (repeatable)")
+    parser.add_argument("--sftlab-checkpointing", choices=["on", "off"], default="on",
+                        help="sftlab's activation checkpointing; on by default because it is TRL's default "
+                             "(SFTConfig.gradient_checkpointing=True), so both run with the same setting")
     parser.add_argument("--trl-packing", choices=["both", "on", "off"], default="both")
     parser.add_argument("--ablate", metavar="all|I,J,...",
                         help="instead of the comparison: sftlab alone, each technique switched off in turn "
@@ -369,6 +373,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rows, args.steps, args.warmup, args.batch, args.max_length = 8, 1, 1, 4, 128
+    args.sftlab_set = [f"gradient_checkpointing={str(args.sftlab_checkpointing == 'on').lower()}", *args.sftlab_set]
     if args.batch % args.sftlab_micro_batch:
         parser.error(f"--batch {args.batch} is not a multiple of --sftlab-micro-batch {args.sftlab_micro_batch}")
     import torch
