@@ -238,16 +238,24 @@ def bench_one(model: str, method: str, args, matmul_flops: float) -> dict:
         spec = {"model": model, "method": method, "data": str(args.data), "rows": args.rows, "max_length": args.max_length,
                 "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr,
                 "accumulation": args.batch // args.sftlab_micro_batch, "extra": args.sftlab_set}
-        runs = {}
-        for tool, packing in [("sftlab", args.sftlab_packing), ("trl", False), ("trl", True)]:
-            if tool == "trl" and args.trl_packing != "both" and packing != (args.trl_packing == "on"):
-                continue
-            work = Path(tmp) / f"{tool}-{packing}"
+        ours_by_setting, trl_runs = {}, []
+        for setting in args.checkpointing:
+            work = Path(tmp) / f"sftlab-{setting}"
             work.mkdir()
-            print(f"  {model} {method}: {tool} (packing={packing}) ...", flush=True)
-            runs[f"{tool}-{packing}"] = run_worker(tool, {**spec, "packing": packing, "workdir": str(work)})
-    ours = runs[f"sftlab-{args.sftlab_packing}"]
-    trl_runs = [r for k, r in runs.items() if k.startswith("trl")]
+            print(f"  {model} {method}: sftlab (packing={args.sftlab_packing}, checkpointing {setting}) ...", flush=True)
+            extra = [f"gradient_checkpointing={str(setting == 'on').lower()}", *args.sftlab_set]
+            run = run_worker("sftlab", {**spec, "extra": extra, "packing": args.sftlab_packing, "workdir": str(work),
+                                        "first_loss": not ours_by_setting})
+            if ours_by_setting:  # the same weights and first batch: measured once
+                run["first_batch_loss"] = next(iter(ours_by_setting.values()))["first_batch_loss"]
+            ours_by_setting[setting] = run
+        for packing in (False, True):
+            if args.trl_packing != "both" and packing != (args.trl_packing == "on"):
+                continue
+            work = Path(tmp) / f"trl-{packing}"
+            work.mkdir()
+            print(f"  {model} {method}: trl (packing={packing}) ...", flush=True)
+            trl_runs.append(run_worker("trl", {**spec, "packing": packing, "workdir": str(work)}))
     best_trl = max(trl_runs, key=lambda r: r["tokens_per_s"])
     unpacked_trl = next((r for r in trl_runs if not r["packing"]), best_trl)
     config = AutoConfig.from_pretrained(resolve_model(model))
@@ -256,9 +264,9 @@ def bench_one(model: str, method: str, args, matmul_flops: float) -> dict:
     lengths = [min(args.max_length, len(tokenizer(p + c)["input_ids"]) + 1) for p, c in pairs]
     mean_length = sum(lengths) / len(lengths)
     fpt = flops_per_token(config, method, mean_length)
-    return {
+    return [{
         "model": model, "method": method, "rows": args.rows, "max_length": args.max_length, "batch": args.batch,
-        "timed_steps": args.steps, "mean_example_tokens": round(mean_length, 1),
+        "timed_steps": args.steps, "mean_example_tokens": round(mean_length, 1), "sftlab_checkpointing": setting,
         "sftlab": ours, "trl_runs": trl_runs, "trl_best": best_trl,
         "throughput_ratio": ours["tokens_per_s"] / best_trl["tokens_per_s"],
         "memory_ratio": ours["peak_memory_mb"] / best_trl["peak_memory_mb"],
@@ -267,19 +275,18 @@ def bench_one(model: str, method: str, args, matmul_flops: float) -> dict:
         "flops_per_token": fpt, "matmul_flops": matmul_flops,
         "sftlab_flops_utilisation": ours["tokens_per_s"] * fpt / matmul_flops,
         "trl_flops_utilisation": best_trl["tokens_per_s"] * fpt / matmul_flops,
-    }
+    } for setting, ours in ours_by_setting.items()]
 
 
 # each technique switched off (or, for the options, on) in turn: (name, spec changes)
 TECHNIQUES = [
-    ("sftlab as benchmarked (packing, 1-row micro-batches, activation checkpointing, fused linear+CE, "
-     "fused AdamW, in-place embedding grad)", {}),
+    ("sftlab as benchmarked (packing, 1-row micro-batches, fused linear+CE, fused AdamW, in-place embedding grad)", {}),
     ("packing off: length-grouped padded micro-batches of 8 examples", {"packing": False, "accumulation": 1}),
     ("whole batch in one micro-batch instead of 1-row micro-batches", {"accumulation": 1}),
     ("chunked linear+CE with recompute instead of fused", {"extra": ["loss_impl=chunked"]}),
     ("foreach AdamW instead of fused", {"extra": ["fused_optimizer=false"]}),
     ("embedding gradient through autograd (dense buffer) instead of in place", {"extra": ["embedding_grad_in_place=false"]}),
-    ("activation checkpointing off", {"extra": ["gradient_checkpointing=false"]}),
+    ("+ activation checkpointing", {"extra": ["gradient_checkpointing=true"]}),
     ("+ torch.compile (decoder, dynamic shapes)", {"extra": ["compile=true"]}),
 ]
 
@@ -292,7 +299,8 @@ def ablate(args, machine: str, matmul_flops: float, stamp: str) -> None:
             lr = 2e-5 if method == "full" else 2e-4
             base = {"model": model, "method": method, "data": str(args.data), "rows": args.rows,
                     "max_length": args.max_length, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-                    "lr": lr, "accumulation": args.batch // args.sftlab_micro_batch, "extra": args.sftlab_set,
+                    "lr": lr, "accumulation": args.batch // args.sftlab_micro_batch,
+                    "extra": [f"gradient_checkpointing={str(args.checkpointing[0] == 'on').lower()}", *args.sftlab_set],
                     "packing": args.sftlab_packing, "first_loss": False}
             reference = None
             chosen = range(len(TECHNIQUES)) if args.ablate == "all" else [int(i) for i in args.ablate.split(",")]
@@ -327,14 +335,14 @@ def markdown(results: list[dict], machine: str) -> str:
     lines = [
         f"Machine: {machine}",
         "",
-        "| model | method | sftlab tok/s | TRL tok/s (best) | throughput | sftlab peak MB | TRL peak MB | memory | first-batch loss sftlab / TRL | FLOPs/s vs matmul (sftlab / TRL) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | sftlab checkpointing | sftlab tok/s | TRL tok/s (best) | throughput | sftlab peak MB | TRL peak MB | memory | first-batch loss sftlab / TRL | FLOPs/s vs matmul (sftlab / TRL) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s, t = r["sftlab"], r["trl_best"]
         t_first = next((x for x in r["trl_runs"] if not x["packing"]), t)["first_batch_loss"]
         lines.append(
-            f"| {Path(r['model']).name} | {r['method']} | {s['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} "
+            f"| {Path(r['model']).name} | {r['method']} | {r['sftlab_checkpointing']} | {s['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} "
             f"(packing {'on' if t['packing'] else 'off'}) | **{r['throughput_ratio']:.2f}×** | {s['peak_memory_mb']:.0f} | "
             f"{t['peak_memory_mb']:.0f} | **{r['memory_ratio']:.2f}×** | {s['first_batch_loss']:.4f} / {t_first:.4f} | "
             f"{100 * r['sftlab_flops_utilisation']:.0f}% / {100 * r['trl_flops_utilisation']:.0f}% |"
@@ -361,9 +369,9 @@ def main() -> None:
                              "batch/micro-batch accumulation steps, exact token-weighted)")
     parser.add_argument("--sftlab-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra sftlab config overrides (repeatable)")
-    parser.add_argument("--sftlab-checkpointing", choices=["on", "off"], default="on",
-                        help="sftlab's activation checkpointing; on by default because it is TRL's default "
-                             "(SFTConfig.gradient_checkpointing=True), so both run with the same setting")
+    parser.add_argument("--sftlab-checkpointing", choices=["both", "off", "on"], default="both",
+                        help="sftlab's activation checkpointing: a row each for off (sftlab's default) and on "
+                             "(TRL's default, SFTConfig.gradient_checkpointing=True), against the same TRL runs")
     parser.add_argument("--trl-packing", choices=["both", "on", "off"], default="both")
     parser.add_argument("--ablate", metavar="all|I,J,...",
                         help="instead of the comparison: sftlab alone, each technique switched off in turn "
@@ -373,7 +381,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rows, args.steps, args.warmup, args.batch, args.max_length = 8, 1, 1, 4, 128
-    args.sftlab_set = [f"gradient_checkpointing={str(args.sftlab_checkpointing == 'on').lower()}", *args.sftlab_set]
+    args.checkpointing = ["off", "on"] if args.sftlab_checkpointing == "both" else [args.sftlab_checkpointing]
     if args.batch % args.sftlab_micro_batch:
         parser.error(f"--batch {args.batch} is not a multiple of --sftlab-micro-batch {args.sftlab_micro_batch}")
     import torch
@@ -391,10 +399,11 @@ def main() -> None:
     results = []
     for model in args.models.split(","):
         for method in args.methods.split(","):
-            results.append(bench_one(model, method, args, matmul))
+            new = bench_one(model, method, args, matmul)
+            results += new
             # written after every pair, so an interrupted bench keeps what it measured
             (args.out / f"bench-{stamp}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
-            print(markdown(results[-1:], machine).splitlines()[-1], flush=True)
+            print("\n".join(markdown(new, machine).splitlines()[-len(new):]), flush=True)
     table = markdown(results, machine)
     (args.out / f"bench-{stamp}.md").write_text(table)
     if not args.quick:

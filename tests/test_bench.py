@@ -16,13 +16,19 @@ def test_quick_bench_runs_both_trainers_and_their_first_losses_agree(tiny_model_
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads((out / "bench-quick.json").read_text())["results"][0]
+    results = json.loads((out / "bench-quick.json").read_text())["results"]
+    # a row for sftlab without and with activation checkpointing, against the same TRL run
+    assert [r["sftlab_checkpointing"] for r in results] == ["off", "on"]
+    assert results[0]["trl_best"] == results[1]["trl_best"]
+    assert abs(results[0]["sftlab"]["final_loss"] - results[1]["sftlab"]["final_loss"]) < 1e-4  # same maths
+    result = results[0]
     assert result["sftlab"]["tokens"] > 0 and result["trl_best"]["tokens"] > 0
     assert result["sftlab"]["peak_memory_mb"] > 0 and result["trl_best"]["peak_memory_mb"] > 0
     # same initial weights, same first batch, prompt masked in both: the same loss
     assert result["first_batch_loss_diff"] < 1e-3
     assert result["sftlab"]["first_batch_loss"] > 1.0  # a random model: a real loss, not zero
-    assert "| full |" in (out / "bench-quick.md").read_text()
+    table = (out / "bench-quick.md").read_text()
+    assert "| full | off |" in table and "| full | on |" in table
 
 
 def test_ablation_mode_measures_each_variant(tiny_model_dir, tmp_path):
