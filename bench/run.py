@@ -227,7 +227,12 @@ def run_worker(tool: str, spec: dict) -> dict:
     raise RuntimeError(f"{tool} worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def bench_one(model: str, method: str, args, matmul_flops: float) -> dict:
+def sftlab_overrides(args, checkpointing: str) -> list[str]:
+    """sftlab's config overrides for one activation-checkpointing setting, then --sftlab-set."""
+    return [f"gradient_checkpointing={str(checkpointing == 'on').lower()}", *args.sftlab_set]
+
+
+def bench_one(model: str, method: str, args, matmul_flops: float) -> list[dict]:
     from transformers import AutoConfig
 
     from sftlab.models.loading import load_tokenizer
@@ -237,15 +242,14 @@ def bench_one(model: str, method: str, args, matmul_flops: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"model": model, "method": method, "data": str(args.data), "rows": args.rows, "max_length": args.max_length,
                 "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr,
-                "accumulation": args.batch // args.sftlab_micro_batch, "extra": args.sftlab_set}
+                "accumulation": args.batch // args.sftlab_micro_batch}
         ours_by_setting, trl_runs = {}, []
         for setting in args.checkpointing:
             work = Path(tmp) / f"sftlab-{setting}"
             work.mkdir()
             print(f"  {model} {method}: sftlab (packing={args.sftlab_packing}, checkpointing {setting}) ...", flush=True)
-            extra = [f"gradient_checkpointing={str(setting == 'on').lower()}", *args.sftlab_set]
-            run = run_worker("sftlab", {**spec, "extra": extra, "packing": args.sftlab_packing, "workdir": str(work),
-                                        "first_loss": not ours_by_setting})
+            run = run_worker("sftlab", {**spec, "extra": sftlab_overrides(args, setting), "packing": args.sftlab_packing,
+                                        "workdir": str(work), "first_loss": not ours_by_setting})
             if ours_by_setting:  # the same weights and first batch: measured once
                 run["first_batch_loss"] = next(iter(ours_by_setting.values()))["first_batch_loss"]
             ours_by_setting[setting] = run
@@ -300,7 +304,7 @@ def ablate(args, machine: str, matmul_flops: float, stamp: str) -> None:
             base = {"model": model, "method": method, "data": str(args.data), "rows": args.rows,
                     "max_length": args.max_length, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                     "lr": lr, "accumulation": args.batch // args.sftlab_micro_batch,
-                    "extra": [f"gradient_checkpointing={str(args.checkpointing[0] == 'on').lower()}", *args.sftlab_set],
+                    "extra": sftlab_overrides(args, args.checkpointing[0]),
                     "packing": args.sftlab_packing, "first_loss": False}
             reference = None
             chosen = range(len(TECHNIQUES)) if args.ablate == "all" else [int(i) for i in args.ablate.split(",")]

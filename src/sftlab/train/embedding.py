@@ -45,8 +45,7 @@ def _scale_of(module: nn.Embedding) -> float | None:
     or None when its forward is not a plain (scaled) lookup."""
     if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
         return None
-    scale = getattr(module, "embed_scale", 1.0)
-    scale = float(scale) if not isinstance(scale, torch.Tensor) else float(scale.float())
+    scale = float(getattr(module, "embed_scale", 1.0))  # a float or a one-element buffer
     probe = torch.arange(min(8, module.num_embeddings), device=module.weight.device)[None]
     with torch.no_grad():
         got = module(probe)
