@@ -209,9 +209,41 @@ def run_trl(spec: dict) -> dict:
             "tokens_per_s": (n1 - n0) / (t1 - t0), "peak_memory_mb": peak_memory_mb(), "first_batch_loss": first_loss}
 
 
+def run_trl_as_a_user(spec: dict) -> dict:
+    """TRL the way its README shows it: SFTTrainer with the user's batch and epochs, its defaults
+    otherwise (activation checkpointing on, no packing), then save_model — one whole process."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from sftlab.models.registry import resolve_model
+
+    path = resolve_model(spec["model"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pairs = rendered_pairs(bench_rows(Path(spec["data"]), spec["rows"]), tokenizer)
+    dataset = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    args = SFTConfig(
+        output_dir=str(Path(spec["workdir"]) / "trl"), per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=spec["lr"], max_length=spec["max_length"],
+        completion_only_loss=True, report_to=[], use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(), seed=0, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    output = trainer.train()
+    trainer.save_model(str(Path(spec["workdir"]) / "trl" / "final"))
+    seconds = output.metrics["train_runtime"]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {"train_seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
 def worker_main(tool: str, spec_json: str) -> None:
     spec = json.loads(spec_json)
-    result = {"sftlab": run_sftlab, "trl": run_trl, "sftlab-first-loss": run_sftlab_first_loss}[tool](spec)
+    result = {"sftlab": run_sftlab, "trl": run_trl, "sftlab-first-loss": run_sftlab_first_loss,
+              "trl-user": run_trl_as_a_user}[tool](spec)
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
@@ -225,6 +257,74 @@ def run_worker(tool: str, spec: dict) -> dict:
         if line.startswith("BENCH_RESULT "):
             return json.loads(line[len("BENCH_RESULT "):])
     raise RuntimeError(f"{tool} worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def whole_process(command: list[str], cwd: Path) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MB, stdout) of a command run as its own process, measured as
+    `/usr/bin/time -v` does: the kernel's rusage of the finished child (loading and saving included)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command[:3]} failed (exit {proc.returncode}):\n{out[-3000:]}")
+    return wall, usage.ru_maxrss / 1024, out
+
+
+def user_settings_row(model: str, args) -> dict:
+    """Both tools at the settings a user types — batch 8, no accumulation, max_length 512, one
+    epoch, each tool's defaults otherwise — measured as whole processes, loading and saving included."""
+    import yaml
+
+    lr = 2e-5
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bench_rows(args.data, args.rows)))
+        config = {"model": model, "data": "rows.jsonl", "template": "alpaca", "max_length": args.max_length,
+                  "batch_size": args.batch, "gradient_accumulation_steps": 1, "num_epochs": 1,
+                  "learning_rate": lr, "output_dir": str(work / "run"), "cache": False}
+        (work / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        print(f"  {model} full, user settings: sftlab train run.yaml ...", flush=True)
+        sftlab = Path(sys.executable).with_name("sftlab")
+        wall, peak, out = whole_process([str(sftlab), "train", "run.yaml"], work)
+        summary = json.loads((work / "run" / "train_summary.json").read_text())
+        ours = {"wall_s": wall, "peak_rss_mb": peak, "tokens_per_s": summary["tokens_per_second"],
+                "micro_batch_tokens": summary["micro_batch_tokens"], "memory": summary["memory"]}
+        print(f"    {wall:.0f} s, {peak:.0f} MB", flush=True)
+        print(f"  {model} full, user settings: TRL SFTTrainer ...", flush=True)
+        spec = {"model": model, "data": str(args.data), "rows": args.rows, "max_length": args.max_length,
+                "batch": args.batch, "lr": lr, "workdir": str(work)}
+        wall, peak, out = whole_process([sys.executable, __file__, "--worker", "trl-user", json.dumps(spec)], ROOT)
+        trl = {"wall_s": wall, "peak_rss_mb": peak,
+               **json.loads(next(l for l in out.splitlines() if l.startswith("BENCH_RESULT "))[len("BENCH_RESULT "):])}
+        print(f"    {wall:.0f} s, {peak:.0f} MB", flush=True)
+    return {"model": model, "method": "full", "rows": args.rows, "batch": args.batch, "max_length": args.max_length,
+            "sftlab": ours, "trl": trl, "speed_ratio": trl["wall_s"] / ours["wall_s"],
+            "memory_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"]}
+
+
+def user_settings_markdown(rows: list[dict], machine: str) -> str:
+    lines = [f"Machine: {machine}", "",
+             "Same user-level settings (batch 8, no accumulation, max_length 512, 1 epoch, each tool's defaults "
+             "otherwise), whole process (loading and saving included):", "",
+             "| model | TRL wall / peak RSS | sftlab wall / peak RSS | speed | memory | training tok/s sftlab / TRL | sftlab micro_batch_tokens |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, t = r["sftlab"], r["trl"]
+        lines.append(f"| {Path(r['model']).name} | {t['wall_s']:.0f} s / {t['peak_rss_mb']:.0f} MB | "
+                     f"{s['wall_s']:.0f} s / {s['peak_rss_mb']:.0f} MB | **{r['speed_ratio']:.2f}×** | "
+                     f"**{r['memory_ratio']:.2f}×** | {s['tokens_per_s']:.1f} / {t['tokens_per_s']:.1f} | {s['micro_batch_tokens']} |")
+    lines += ["", "Where sftlab's peak happens (peak MB of each phase; * = the phase that set the process peak):", ""]
+    for r in rows:
+        phases = r["sftlab"]["memory"]["phases"]
+        top = r["sftlab"]["memory"]["process_peak_mb"]
+        cells = ", ".join(f"{name} {p['peak_mb']:.0f}{'*' if p['raised_process_peak'] and p['peak_mb'] >= top - 1 else ''}"
+                          for name, p in phases.items())
+        lines.append(f"- {Path(r['model']).name}: {cells}")
+    return "\n".join(lines) + "\n"
 
 
 def sftlab_overrides(args, checkpointing: str) -> list[str]:
@@ -380,6 +480,9 @@ def main() -> None:
     parser.add_argument("--ablate", metavar="all|I,J,...",
                         help="instead of the comparison: sftlab alone, each technique switched off in turn "
                              "(all, or indices into TECHNIQUES; 0 is the benchmarked configuration)")
+    parser.add_argument("--user-settings", choices=["on", "off", "only"], default="on",
+                        help="also (or only) run both tools at the settings a user types (batch 8, no accumulation, "
+                             "1 epoch, defaults otherwise) as whole processes; full fine-tuning, each model")
     parser.add_argument("--quick", action="store_true", help="a few rows and one timed step (for the tests)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -400,6 +503,18 @@ def main() -> None:
     if args.ablate:
         ablate(args, machine, matmul, stamp)
         return
+    if args.user_settings != "off":
+        user_rows = []
+        for model in args.models.split(","):
+            user_rows.append(user_settings_row(model, args))
+            (args.out / f"user-settings-{stamp}.json").write_text(json.dumps({"machine": machine, "rows": user_rows}, indent=2))
+        table = user_settings_markdown(user_rows, machine)
+        (args.out / f"user-settings-{stamp}.md").write_text(table)
+        if not args.quick:
+            (args.out / "user-settings-latest.md").write_text(table)
+        print(table, flush=True)
+        if args.user_settings == "only":
+            return
     results = []
     for model in args.models.split(","):
         for method in args.methods.split(","):

@@ -30,6 +30,18 @@ def test_quick_bench_runs_both_trainers_and_their_first_losses_agree(tiny_model_
     table = (out / "bench-quick.md").read_text()
     assert "| full | off |" in table and "| full | on |" in table
 
+    # both tools at the user's settings, as whole processes (loading and saving included)
+    user = json.loads((out / "user-settings-quick.json").read_text())["rows"]
+    assert len(user) == 1
+    ours, trl = user[0]["sftlab"], user[0]["trl"]
+    assert ours["wall_s"] > 0 and trl["wall_s"] > 0 and trl["tokens"] > 0
+    assert ours["peak_rss_mb"] > 100 and trl["peak_rss_mb"] > 100
+    assert user[0]["memory_ratio"] == ours["peak_rss_mb"] / trl["peak_rss_mb"]
+    phases = ours["memory"]["phases"]
+    assert {"prepare data", "load model", "training steps", "save final"} <= set(phases)
+    assert max(p["peak_mb"] for p in phases.values()) <= ours["memory"]["process_peak_mb"] + 1
+    assert "Where sftlab's peak happens" in (out / "user-settings-quick.md").read_text()
+
 
 def test_ablation_mode_measures_each_variant(tiny_model_dir, tmp_path):
     out = tmp_path / "results"

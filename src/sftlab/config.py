@@ -96,6 +96,11 @@ class RunConfig(_Strict):
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; when set, overrides num_epochs")
     batch_size: int = Field(8, gt=0, description="examples per micro-batch")
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    micro_batch_tokens: Literal["auto"] | int = Field(
+        "auto",
+        description="most padded tokens in one forward/backward: a micro-batch above it runs in pieces "
+        "(same loss and gradients, less memory); auto = from the model size, max_length and free memory",
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of steps with linear warm-up")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="learning-rate schedule after warm-up"
@@ -106,7 +111,11 @@ class RunConfig(_Strict):
     packing: bool = Field(
         False, description="pack examples into rows of max_length tokens (no padding); batch_size then counts rows"
     )
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto",
+        description="recompute activations in backward: less memory, slower; auto = on where the recompute adds "
+        "under 15% to a step (large-vocabulary models) or one max_length row would not fit",
+    )
     compile: bool = Field(False, description="torch.compile the model's decoder (dynamic shapes)")
     loss_impl: Literal["fused", "chunked"] = Field(
         "fused",
@@ -141,6 +150,13 @@ class RunConfig(_Strict):
             value = [value]
         if isinstance(value, list):
             return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _positive_budget(cls, value: Any) -> Any:
+        if value != "auto" and value <= 0:
+            raise ValueError("give a number of tokens > 0, or auto")
         return value
 
     @model_validator(mode="after")

@@ -32,6 +32,23 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     return batches
 
 
+def split_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
+    """Positions of a micro-batch's units (examples, or packed rows) cut into pieces whose padded
+    size (units x the longest unit) stays within ``budget`` tokens; a unit longer than the
+    budget is a piece of its own. Units are taken longest first, so each piece pads little.
+
+    The step's loss is the sum of token losses over the step divided by its trained tokens, so
+    how a micro-batch is cut changes memory and speed, never the result."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    pieces: list[list[int]] = []
+    for i in order:
+        if pieces and (len(pieces[-1]) + 1) * lengths[pieces[-1][0]] <= budget:
+            pieces[-1].append(i)
+        else:
+            pieces.append([i])
+    return pieces
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding is masked from attention and loss."""
     width = max(len(e) for e in examples)

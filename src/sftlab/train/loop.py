@@ -21,10 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sftlab.config import RunConfig, save_config
-from sftlab.data.batching import batch_order, collate
+from sftlab.data.batching import batch_order, collate, split_by_tokens
 from sftlab.data.packing import collate_packed, packed_batch_order
 from sftlab.data.prepare import prepare_data
-from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.models.loading import load_causal_lm, load_tokenizer, pick_device
 from sftlab.train.checkpoint import (
     StashedTokenizer,
@@ -35,7 +34,9 @@ from sftlab.train.checkpoint import (
     verify_saved_template,
 )
 from sftlab.train.embedding import add_embedding_grad_in_place
-from sftlab.train.loss import unwrap_model, evaluate_loss, token_loss_sum
+from sftlab.train.loss import unwrap_model, evaluate_loss
+from sftlab.train.memory import PhaseMemory, plan_memory, release_freed_memory
+from sftlab.train.step import cut_into_pieces, forward_backward
 
 
 @dataclass
@@ -77,9 +78,14 @@ def _optimizer(model, config: RunConfig, device: torch.device) -> torch.optim.Op
     )
 
 
-def _eval_batches(examples, batch_size: int, pad_id: int):
+def _eval_batches(examples, batch_size: int, pad_id: int, budget: int):
+    """Validation batches: batch_size examples of similar length, cut under the token budget."""
     ordered = sorted(examples, key=len)
-    return [collate(ordered[i : i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+    batches = []
+    for start in range(0, len(ordered), batch_size):
+        group = ordered[start : start + batch_size]
+        batches += [collate([group[i] for i in part], pad_id) for part in split_by_tokens([len(e) for e in group], budget)]
+    return batches
 
 
 def build_model(config: RunConfig, device: torch.device, resume_from: Path | None = None):
@@ -104,11 +110,13 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
-    tokenizer = load_tokenizer(config.model)
-    data = prepare_data(config, tokenizer)
-    data.save_report(output_dir)
-    tokenizer = StashedTokenizer(tokenizer)  # on disk from here on: frees its memory for training
-    gc.collect()
+    memory = PhaseMemory(device)
+    with memory.phase("prepare data"):
+        tokenizer = load_tokenizer(config.model)
+        data = prepare_data(config, tokenizer)
+        data.save_report(output_dir)
+        tokenizer = StashedTokenizer(tokenizer)  # on disk from here on: frees its memory for training
+        gc.collect()
     console.print(
         f"data: {len(data.train)} train / {len(data.val)} validation rows, "
         f"{data.report['split']['train_trained_tokens']:,} trained tokens, "
@@ -120,13 +128,14 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     resume_from = checkpoints[-1] if checkpoints else None
     if resume and resume_from is None:
         console.print(f"[yellow]no checkpoint in {output_dir} to resume from; starting fresh[/]")
-    model = build_model(config, device, resume_from)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if config.method == "lora":
-            model.enable_input_require_grads()
+    with memory.phase("load model"):
+        model = build_model(config, device, resume_from)
     if config.method == "full" and config.embedding_grad_in_place and not config.compile:
         add_embedding_grad_in_place(model)
+    plan = plan_memory(model, device, config.max_length, config.method, config.micro_batch_tokens,
+                       config.gradient_checkpointing)
+    budget = plan.tokens
+    console.print(f"micro-batch token budget: {budget} ({plan.reason})")
     if config.compile:
         # compile the decoder only: the chunked loss runs outside it, and shapes vary per batch
         unwrap_model(model).get_decoder().compile(dynamic=True)
@@ -149,12 +158,19 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
                 epoch_orders[epoch] = batch_order(lengths, config.batch_size, config.seed, epoch, config.group_by_length)
         return epoch_orders[epoch]
 
-    def micro_batch(index: int) -> dict[str, torch.Tensor]:
+    def micro_batch_units(index: int) -> list:
+        """Micro-batch `index` of the run: its examples, or its packed rows of examples."""
         epoch, position = divmod(index, micro_per_epoch)
+        units = epoch_order(epoch)[position]
         if config.packing:
-            rows = epoch_order(epoch)[position]
-            return collate_packed([[data.train[i] for i in row] for row in rows], tokenizer.pad_token_id)
-        return collate([data.train[i] for i in epoch_order(epoch)[position]], tokenizer.pad_token_id)
+            return [[data.train[i] for i in row] for row in units]
+        return [data.train[i] for i in units]
+
+    if config.packing:
+        unit_size = lambda row: sum(len(e) for e in row)
+        collate_units = lambda rows: collate_packed(rows, tokenizer.pad_token_id)
+    else:
+        unit_size, collate_units = len, lambda examples: collate(examples, tokenizer.pad_token_id)
 
     micro_per_epoch = len(epoch_order(0))
     steps_per_epoch = max(1, micro_per_epoch // config.gradient_accumulation_steps)
@@ -172,10 +188,13 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     if resume_from:
         console.print(f"resumed from {resume_from} at step {start_step}")
 
-    val_batches = _eval_batches(data.val, config.batch_size, tokenizer.pad_token_id) if data.val else []
+    val_batches = _eval_batches(data.val, config.batch_size, tokenizer.pad_token_id, budget) if data.val else []
 
-    def validate() -> float | None:
-        return evaluate_loss(model, val_batches, device, config.loss_chunk_size)["loss"] if val_batches else None
+    def validate(phase: str = "validation") -> float | None:
+        if not val_batches:
+            return None
+        with memory.phase(phase):
+            return evaluate_loss(model, val_batches, device, config.loss_chunk_size)["loss"]
 
     metrics_path = output_dir / "metrics.jsonl"
     if resume_from and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
@@ -185,13 +204,12 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
         metrics_path.write_text("")
     tensorboard = _tensorboard(output_dir)
 
-    val_before = validate() if not resume_from else None
+    val_before = validate("first validation") if not resume_from else None
     if val_before is not None:
         console.print(f"validation loss before training: {val_before:.4f}")
 
     # -- iterate ----------------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     pending: list[dict] = []  # step records whose loss is still a device tensor (synced at log time)
     last_loss, val_after, input_tokens_done, started = None, None, 0, time.perf_counter()
     best_val, best_step, bad_evals, stop_early, shown_val = None, None, 0, False, "-"
@@ -207,25 +225,30 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
             last_step = step
             # -- step: accumulate micro-batches, normalise by the step's trained-token count --
             first = (step - 1) * config.gradient_accumulation_steps
-            batches = [micro_batch(first + j) for j in range(config.gradient_accumulation_steps)]
-            step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            step_input_tokens = sum(_real_tokens(b) for b in batches)
+            micro_batches = [micro_batch_units(first + j) for j in range(config.gradient_accumulation_steps)]
             learning_rate = scheduler.get_last_lr()[0]
-            loss_sum = torch.zeros((), device=device)
-            for batch in batches:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
-                with autocast:
-                    summed, _ = token_loss_sum(model, batch, config.loss_chunk_size, config.loss_impl,
-                                               weight_grad_scale=1 / max(step_tokens, 1))
-                (summed / max(step_tokens, 1)).backward()
-                loss_sum += summed.detach()
-            if config.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            with memory.phase("training steps"):
+                while True:
+                    pieces = cut_into_pieces(micro_batches, unit_size, collate_units, budget)
+                    try:
+                        done = forward_backward(model, pieces, device, config.loss_chunk_size, config.loss_impl)
+                        break
+                    except torch.OutOfMemoryError:
+                        optimizer.zero_grad(set_to_none=True)
+                        if device.type != "cuda" or len(pieces) == sum(len(m) for m in micro_batches):
+                            raise _out_of_memory(config) from None
+                        torch.cuda.empty_cache()
+                        budget //= 2
+                        console.print(f"[yellow]out of GPU memory at step {step}: micro_batch_tokens halved to {budget}[/]")
+                if config.max_grad_norm > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                else:
+                    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_tokens, step_input_tokens = done.trained_tokens, done.input_tokens
+            loss_sum = done.loss_sum
             input_tokens_done += step_input_tokens
             pending.append({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_sum / max(step_tokens, 1),
                             "grad_norm": grad_norm, "learning_rate": learning_rate, "tokens": step_tokens,
@@ -238,7 +261,8 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
                 if best_val is None or val_loss < best_val:
                     best_val, best_step, bad_evals = val_loss, step, 0
                     if config.save_best and config.eval_steps:
-                        save_model(model, tokenizer, config, output_dir / "best")
+                        with memory.phase("save best"):
+                            save_model(model, tokenizer, config, output_dir / "best")
                 else:
                     bad_evals += 1
                 stop_early = bool(config.early_stopping_patience) and bad_evals >= config.early_stopping_patience
@@ -275,14 +299,19 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
 
             # -- checkpoint -------------------------------------------------------------------
             if config.save_steps and step % config.save_steps == 0 and not is_last:
-                save_checkpoint(model, tokenizer, config, optimizer, scheduler, step, output_dir)
+                with memory.phase("save checkpoint"):
+                    save_checkpoint(model, tokenizer, config, optimizer, scheduler, step, output_dir)
 
     seconds = time.perf_counter() - started
+    del optimizer, scheduler, params  # the optimizer state is done with: saving needs the weights only
+    release_freed_memory()
     if val_after is not None:
         before = f"{val_before:.4f} -> " if val_before is not None else ""
         console.print(f"validation loss: {before}{val_after:.4f}")
-    save_model(model, tokenizer, config, output_dir / "final")
-    verify_saved_template(output_dir / "final", data.samples, config.train_on)
+    with memory.phase("save final"):
+        save_model(model, tokenizer, config, output_dir / "final")
+    with memory.phase("check saved template"):
+        verify_saved_template(output_dir / "final", data.samples, config.train_on)
     if tensorboard:
         tensorboard.close()
     result = TrainResult(
@@ -290,16 +319,20 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
         val_loss_after=val_after, best_val_loss=best_val, best_step=best_step, seconds=round(seconds, 2),
         tokens_per_second=round(input_tokens_done / seconds, 2) if seconds > 0 else 0.0,
     )
-    (output_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
+    (output_dir / "train_summary.json").write_text(json.dumps({
+        **asdict(result), "micro_batch_tokens": budget, "memory": {**memory.summary(), **plan.summary()},
+    }, indent=2))
+    memory.close()
+    console.print(memory.table())
     console.print(f"saved {output_dir / 'final'} ({last_step - start_step} steps in {seconds:.0f}s)")
     return result
 
 
-def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-padding tokens of a batch (padded: the attention mask; packed: the examples' tokens)."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["input_ids"].numel())
+def _out_of_memory(config: RunConfig) -> RuntimeError:
+    return RuntimeError(
+        f"out of memory with one example per forward pass (max_length {config.max_length}): lower max_length, "
+        "set gradient_checkpointing: true, or use method: lora"
+    )
 
 
 def _tensorboard(output_dir: Path):
