@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from sftlab.data.batching import collate, split_by_tokens
 from sftlab.data.packing import collate_packed, pack_bfd
+from sftlab.train.distributed import LossModule
 from sftlab.train.loop import train
 from sftlab.train.memory import (
     ACTIVATION_MARGIN, CPU_PIECE_TOKENS, activation_bytes_per_token, plan_memory, recompute_share,
@@ -46,7 +47,7 @@ def test_a_step_cut_into_pieces_has_the_same_loss_and_gradients(tiny_model_dir, 
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
         pieces = cut_into_pieces(micro_batches, size, collate_units, budget)
-        done = forward_backward(model, pieces, torch.device("cpu"))
+        done = forward_backward(LossModule(model), pieces, torch.device("cpu"))
         return float(done.loss_sum) / done.trained_tokens, done.pieces, [p.grad.clone() for p in model.parameters()]
 
     whole_loss, whole_pieces, whole_grads = step(10**9)
@@ -130,6 +131,7 @@ def test_auto_checkpointing_is_on_where_the_recompute_is_cheap(smollm2_dir):
 MEMORY_PROBE = r"""
 import json, sys
 from sftlab.config import load_config
+from sftlab.train.distributed import LossModule
 from sftlab.train.loop import train
 result = train(load_config(overrides=sys.argv[1:]))
 print("SUMMARY " + open(result.output_dir + "/train_summary.json").read().replace("\n", " "))

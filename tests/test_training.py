@@ -196,7 +196,7 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tiny_model
     straight = train(_config(tiny_model_dir, tmp_path / "straight", *common))
     interrupted = _config(tiny_model_dir, tmp_path / "resumed", *common)
     _train_until(interrupted, stop_after=3)
-    assert (Path(interrupted.output_dir) / "checkpoint-3" / "trainer_state.pt").is_file()
+    assert (Path(interrupted.output_dir) / "checkpoint-3" / "manifest.json").is_file()
     assert not (Path(interrupted.output_dir) / "final").exists()
     resumed = train(interrupted, resume=True)
 
@@ -217,7 +217,7 @@ def _train_until(config, stop_after: int):
 
     def save_then_stop(*args, **kwargs):
         folder = original(*args, **kwargs)
-        if args[5] == stop_after:
+        if args[3] == stop_after:  # save_checkpoint(module, optimizer, scheduler, step, ...)
             raise KeyboardInterrupt
         return folder
 

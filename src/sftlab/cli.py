@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Optional
@@ -28,8 +29,10 @@ SET_HELP = "Override a config key, e.g. --set learning_rate=1e-4 --set lora.r=8 
 
 def _fail(message: str) -> None:
     # soft_wrap: never insert line breaks into a message (a path or a row number must stay greppable);
-    # the terminal wraps long lines itself.
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the terminal wraps long lines itself. Under torchrun the rank says which process failed.
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    where = f" (rank {rank})" if rank is not None else ""
+    console.print(f"[bold red]error{where}:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -37,8 +40,9 @@ def _user_errors():
     from sftlab.data.readers import DataError
     from sftlab.data.templates import TemplateError
     from sftlab.models.registry import ModelNotFoundError
+    from sftlab.train.loop import NonFiniteLossError
 
-    return (ConfigError, DataError, TemplateError, ModelNotFoundError)
+    return (ConfigError, DataError, TemplateError, ModelNotFoundError, NonFiniteLossError)
 
 
 def _run(fn):
@@ -223,16 +227,33 @@ def inspect_cmd(
 def train_cmd(
     config: Path = typer.Argument(..., help="run config (YAML)"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: bool = typer.Option(False, help="continue from the latest checkpoint-N in output_dir"),
+    resume: bool = typer.Option(False, help="continue from the newest complete checkpoint-N in output_dir"),
+    force: bool = typer.Option(False, help="with --resume: resume even though config keys changed since the checkpoint"),
+    nproc: int = typer.Option(1, "--nproc", min=1,
+                              help="train on N processes of this machine (starts torchrun; DDP or FSDP2 per `parallelism`)"),
 ) -> None:
     """Fine-tune (full or LoRA): checkpoints, metrics.jsonl, progress; final model in OUTPUT_DIR/final.
 
+    One process by default; --nproc N (or `torchrun --nproc-per-node N -m sftlab train CONFIG`,
+    also across nodes) trains on N processes. SIGTERM or Ctrl-C saves a checkpoint at the end of
+    the step and exits 0; --resume continues from it.
+
     Example: sftlab train examples/demo.yaml --set max_steps=10
     """
+    from sftlab.train.distributed import launched_by_torchrun
+
+    if nproc > 1 and not launched_by_torchrun():
+        from sftlab.train.launch import run_torchrun
+
+        args = [str(config), *[a for s in set_ for a in ("--set", s)], *(["--resume"] if resume else []),
+                *(["--force"] if force else [])]
+        raise typer.Exit(run_torchrun(nproc, args))
     from sftlab.api import train
 
     cfg = _run(lambda: load_config(config, set_))
-    _run(lambda: train(cfg, resume=resume, console=console))
+    result = _run(lambda: train(cfg, resume=resume, console=console, force=force))
+    if result is not None and result.interrupted:
+        raise typer.Exit(0)
 
 
 @app.command("generate")

@@ -135,17 +135,40 @@ class RunConfig(_Strict):
     output_dir: str = Field("runs/default", description="run directory: checkpoints, metrics, reports")
     logging_steps: int = Field(1, gt=0, description="print a progress line every N steps (metrics.jsonl logs every step)")
     save_steps: int = Field(0, ge=0, description="save a resumable checkpoint every N steps; 0 = only the final model")
-    save_total_limit: int = Field(2, ge=1, description="how many intermediate checkpoints to keep")
+    keep_last_checkpoints: int = Field(
+        2, ge=1, description="how many resumable checkpoints to keep (older ones are removed); alias save_total_limit"
+    )
     eval_steps: int = Field(0, ge=0, description="validation loss every N steps; 0 = only before and after training")
     save_best: bool = Field(True, description="keep the model with the lowest validation loss in OUTPUT_DIR/best")
     early_stopping_patience: int = Field(
         0, ge=0, description="stop after N validations without improvement (needs eval_steps); 0 = never"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train; auto picks CUDA when present")
+    parallelism: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="under torchrun: DDP (replicas) or FSDP2 (sharded); auto = DDP when weights, gradients and "
+        "optimizer state fit in half of one device, FSDP2 otherwise",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="FSDP2 on CUDA: keep sharded parameters, gradients and optimizer state in CPU memory"
+    )
+    on_nan: Literal["error", "skip"] = Field(
+        "error", description="a NaN/Inf loss or gradient: stop naming the step and its rows, or skip the step and count it"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "save_total_limit" in value:  # the Hugging Face Trainer's name
+            value = dict(value)
+            value.setdefault("keep_last_checkpoints", value.pop("save_total_limit"))
+        return value
 
     @field_validator("data", "eval_data", mode="before")
     @classmethod
     def _plain_paths(cls, value: Any) -> Any:
+        if value is None:  # `eval_data: null` (or `data: null`, refused below): no files
+            return []
         if isinstance(value, (str, dict)):
             value = [value]
         if isinstance(value, list):
@@ -187,8 +210,13 @@ def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[
     return rows
 
 
+KEY_ALIASES = {"save_total_limit": "keep_last_checkpoints"}
+
+
 def _check_unknown_keys(raw: dict, model: type[BaseModel], where: str, prefix: str = "") -> None:
     for key, value in raw.items():
+        if model is RunConfig and key in KEY_ALIASES:
+            continue
         if key not in model.model_fields:
             valid = list(model.model_fields)
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5) or [

@@ -210,10 +210,10 @@ def cache_key(config: RunConfig, tokenizer, template) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _cache_dir(key: str) -> Path:
+def _cache_dir(key: str, root: Path | None = None) -> Path:
     from sftlab.models.registry import sftlab_home
 
-    return sftlab_home() / "cache" / "data" / key
+    return (root or sftlab_home() / "cache" / "data") / key
 
 
 def _pack(examples: list[Example]) -> dict:
@@ -267,17 +267,18 @@ def _load_cache(folder: Path) -> PreparedData | None:
 
 # -- the stage ---------------------------------------------------------------------------------
 
-def prepare_data(config: RunConfig, tokenizer, use_cache: bool | None = None) -> PreparedData:
+def prepare_data(config: RunConfig, tokenizer, use_cache: bool | None = None, cache_root: Path | None = None) -> PreparedData:
     """Prepare the run's training and validation examples and the data report.
 
     The report's `cache` field says whether the result came from the cache ("hit") or was
-    computed ("miss"); `cache_key` identifies the entry.
+    computed ("miss"); `cache_key` identifies the entry. `cache_root` replaces the shared cache
+    folder (a distributed run with `cache: false` hands its data to the other ranks there).
     """
     template = get_template(config.template, tokenizer)
     use_cache = config.cache if use_cache is None else use_cache
     key = cache_key(config, tokenizer, template) if use_cache else None
     if key is not None:
-        cached = _load_cache(_cache_dir(key))
+        cached = _load_cache(_cache_dir(key, cache_root))
         if cached is not None:
             cached.report["cache"] = "hit"
             return cached
@@ -357,5 +358,5 @@ def prepare_data(config: RunConfig, tokenizer, use_cache: bool | None = None) ->
     }
     data = PreparedData(train, val, dropped, report, samples)
     if key is not None:
-        _save_cache(_cache_dir(key), data)
+        _save_cache(_cache_dir(key, cache_root), data)
     return data

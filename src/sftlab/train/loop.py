@@ -1,9 +1,9 @@
 """The training loop, top to bottom: set up, iterate, step, log, checkpoint.
 
-Devices, LoRA and resuming are switches in this one function, not subclasses. The loss of an
-optimizer step is the sum of per-token losses over all trained tokens of all its micro-batches
-divided by their total count (not a mean of per-batch means), so gradient accumulation is
-exact.
+One process or many (torchrun; DDP or FSDP2), full or LoRA, fresh or resumed: switches in this
+one loop, not subclasses. The loss of an optimizer step is the sum of per-token losses over all
+trained tokens of all its micro-batches on all ranks divided by their total count (not a mean
+of per-batch means), so gradient accumulation and data parallelism are exact.
 """
 
 from __future__ import annotations
@@ -12,31 +12,43 @@ import gc
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sftlab.config import RunConfig, save_config
-from sftlab.data.batching import batch_order, collate, split_by_tokens
-from sftlab.data.packing import collate_packed, packed_batch_order
-from sftlab.data.prepare import prepare_data
-from sftlab.models.loading import load_causal_lm, load_tokenizer, pick_device
+from sftlab.data.batching import collate, split_by_tokens
+from sftlab.data.prepare import PreparedData, prepare_data
+from sftlab.models.loading import load_causal_lm, load_tokenizer
+from sftlab.train.batches import RunBatches
 from sftlab.train.checkpoint import (
     StashedTokenizer,
-    list_checkpoints,
-    load_trainer_state,
+    check_resume_config,
+    find_resumable,
+    load_checkpoint,
     save_checkpoint,
     save_model,
     verify_saved_template,
 )
+from sftlab.train.distributed import (
+    LossModule,
+    World,
+    choose_parallelism,
+    init_world,
+    local_state_bytes,
+    plain_value,
+    wrap,
+)
 from sftlab.train.embedding import add_embedding_grad_in_place
-from sftlab.train.loss import unwrap_model, evaluate_loss
-from sftlab.train.memory import PhaseMemory, plan_memory, release_freed_memory
-from sftlab.train.step import cut_into_pieces, forward_backward
+from sftlab.train.interrupt import StopRequest
+from sftlab.train.log import RunLog
+from sftlab.train.loss import unwrap_model
+from sftlab.train.memory import PhaseMemory, enable_checkpointing, plan_memory, release_freed_memory
+from sftlab.train.step import cut_into_pieces, filler_piece, forward_backward, trained_tokens
 
 
 @dataclass
@@ -50,19 +62,29 @@ class TrainResult:
     best_step: int | None
     seconds: float
     tokens_per_second: float
+    interrupted: str | None = None  # the signal that stopped the run at a checkpoint
+    skipped_steps: int = 0  # steps skipped for a NaN/Inf loss (on_nan: skip)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step's loss or gradient norm is NaN/Inf; the message names the step and its rows."""
 
 
 def _apply_lora(model, config: RunConfig):
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
-        task_type="CAUSAL_LM",
+        r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules, task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def build_model(config: RunConfig, device: torch.device):
+    """The model to train: the base weights, with LoRA adapters when asked (a resumed run loads
+    its checkpoint's state into this)."""
+    model = load_causal_lm(config.model, device)
+    return _apply_lora(model, config) if config.method == "lora" else model
 
 
 def _optimizer(model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -78,64 +100,79 @@ def _optimizer(model, config: RunConfig, device: torch.device) -> torch.optim.Op
     )
 
 
-def _eval_batches(examples, batch_size: int, pad_id: int, budget: int):
-    """Validation batches: batch_size examples of similar length, cut under the token budget."""
+def _scheduler(optimizer, config: RunConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler, optimizer,
+        num_warmup_steps=round(config.warmup_ratio * total_steps), num_training_steps=total_steps,
+    )
+
+
+def _eval_batches(examples, batch_size: int, pad_id: int, budget: int, world: World) -> list[dict]:
+    """This rank's validation batches: batch_size examples of similar length, cut under the
+    token budget, every world_size-th of them."""
     ordered = sorted(examples, key=len)
     batches = []
     for start in range(0, len(ordered), batch_size):
         group = ordered[start : start + batch_size]
         batches += [collate([group[i] for i in part], pad_id) for part in split_by_tokens([len(e) for e in group], budget)]
-    return batches
+    return batches[world.rank :: world.size]
 
 
-def build_model(config: RunConfig, device: torch.device, resume_from: Path | None = None):
-    """The model to train: base weights (or a checkpoint's), with LoRA adapters when asked."""
-    if config.method == "full":
-        return load_causal_lm(str(resume_from) if resume_from else config.model, device)
-    model = load_causal_lm(config.model, device)
-    if resume_from:
-        from peft import PeftModel
+@torch.no_grad()
+def evaluate(module, batches: list[dict], world: World, parallelism: str | None, pad_id: int) -> float:
+    """Mean token loss over the validation batches of all ranks (as in training: token-weighted)."""
+    inner = module.module if parallelism == "ddp" else module  # DDP's forward syncs buffers; not needed here
+    was_training = module.training
+    module.eval()
+    count = int(world.max(len(batches))) if parallelism == "fsdp" else len(batches)  # FSDP2: same passes on every rank
+    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=world.device.type == "cuda")
+    loss_sum, tokens = 0.0, 0
+    for index in range(count):
+        batch = batches[index] if index < len(batches) else filler_piece(pad_id)
+        batch = {k: v.to(world.device) for k, v in batch.items() if k != "num_tokens"}
+        with autocast:
+            summed = inner(**batch)
+        if index < len(batches):
+            loss_sum += float(summed)
+            tokens += trained_tokens(batch)
+    module.train(was_training)
+    return world.sum(loss_sum) / max(world.sum(tokens), 1)
 
-        return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-    return _apply_lora(model, config)
 
-
-def train(config: RunConfig, resume: bool = False, console: Console | None = None) -> TrainResult:
-    console = console or Console()
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, output_dir / "config.yaml")
-
-    # -- set up -----------------------------------------------------------------------------
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    device = pick_device(config.device)
-    memory = PhaseMemory(device)
+def _prepare(config: RunConfig, world: World, memory: PhaseMemory, output_dir: Path) -> tuple[PreparedData, StashedTokenizer]:
+    """Data on every rank; rank 0 alone prepares and writes the cache, the others then read it."""
+    cache_root = None if config.cache or not world.distributed else output_dir / ".prepared"
     with memory.phase("prepare data"):
         tokenizer = load_tokenizer(config.model)
-        data = prepare_data(config, tokenizer)
-        data.save_report(output_dir)
+        if world.is_main:
+            data = prepare_data(config, tokenizer, use_cache=config.cache or world.distributed, cache_root=cache_root)
+            data.save_report(output_dir)
+        world.barrier()
+        if not world.is_main:
+            data = prepare_data(config, tokenizer, use_cache=True, cache_root=cache_root)
         tokenizer = StashedTokenizer(tokenizer)  # on disk from here on: frees its memory for training
         gc.collect()
-    console.print(
-        f"data: {len(data.train)} train / {len(data.val)} validation rows, "
-        f"{data.report['split']['train_trained_tokens']:,} trained tokens, "
-        f"{data.report['total']['rows_dropped']} dropped, {data.report['total']['rows_truncated']} truncated"
-        + (" (tokenized data from the cache)" if data.report.get("cache") == "hit" else "")
-    )
+    return data, tokenizer
 
-    checkpoints = list_checkpoints(output_dir) if resume else []
-    resume_from = checkpoints[-1] if checkpoints else None
-    if resume and resume_from is None:
-        console.print(f"[yellow]no checkpoint in {output_dir} to resume from; starting fresh[/]")
+
+def _build(config: RunConfig, world: World, memory: PhaseMemory, console: Console):
+    """(module to call, plain model, parallelism, memory plan): loaded, memory planned, wrapped."""
     with memory.phase("load model"):
-        model = build_model(config, device, resume_from)
-    if config.method == "full" and config.embedding_grad_in_place and not config.compile:
-        add_embedding_grad_in_place(model)
-    plan = plan_memory(model, device, config.max_length, config.method, config.micro_batch_tokens,
-                       config.gradient_checkpointing)
-    budget = plan.tokens
-    console.print(f"micro-batch token budget: {budget} ({plan.reason})")
+        model = build_model(config, world.device)
+    parallelism = None
+    if world.distributed:
+        parallelism, why = choose_parallelism(config.parallelism, model, world)
+        console.print(f"parallelism: {parallelism.upper()} on {world.size} processes ({why})")
+    elif config.method == "full" and config.embedding_grad_in_place and not config.compile:
+        add_embedding_grad_in_place(model)  # outside autograd: single process only (never reduced)
+    local = plan_memory(model, world.device, config.max_length, config.method, config.micro_batch_tokens,
+                        config.gradient_checkpointing, shards=world.size if parallelism == "fsdp" else 1)
+    plan = world.broadcast(local)  # every rank cuts its pieces under rank 0's budget, checkpoints alike
+    if plan.checkpointing and not local.checkpointing:
+        enable_checkpointing(model, config.method)
+    console.print(f"micro-batch token budget: {plan.tokens} ({plan.reason})")
     if config.compile:
         # compile the decoder only: the chunked loss runs outside it, and shapes vary per batch
         unwrap_model(model).get_decoder().compile(dynamic=True)
@@ -144,200 +181,246 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         console.print(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    module = LossModule(model, config.loss_chunk_size, config.loss_impl)
+    if parallelism:
+        module = wrap(module, parallelism, world, config.fsdp_cpu_offload)
+    return module, model, parallelism, plan
 
-    lengths = [len(e) for e in data.train]
-    epoch_orders: dict[int, list] = {}
 
-    def epoch_order(epoch: int) -> list:
-        # orders are fixed by (seed, epoch), so a resumed run continues with the very batches an
-        # uninterrupted run would have seen
-        if epoch not in epoch_orders:
-            if config.packing:
-                epoch_orders[epoch] = packed_batch_order(lengths, config.max_length, config.batch_size, config.seed, epoch)
-            else:
-                epoch_orders[epoch] = batch_order(lengths, config.batch_size, config.seed, epoch, config.group_by_length)
-        return epoch_orders[epoch]
+def _resume_point(config: RunConfig, world: World, output_dir: Path, console: Console, force: bool) -> Path | None:
+    folder = None
+    if world.is_main:
+        folder = find_resumable(output_dir, lambda message: console.print(f"[yellow]{message}[/]"))
+        if folder is None:
+            console.print(f"[yellow]no complete checkpoint in {output_dir} to resume from; starting fresh[/]")
+        else:
+            for change in check_resume_config(folder, config, force, world.size):
+                console.print(f"[yellow]resuming despite a changed config key (--force): {change}[/]")
+    return world.broadcast(folder)
 
-    def micro_batch_units(index: int) -> list:
-        """Micro-batch `index` of the run: its examples, or its packed rows of examples."""
-        epoch, position = divmod(index, micro_per_epoch)
-        units = epoch_order(epoch)[position]
-        if config.packing:
-            return [[data.train[i] for i in row] for row in units]
-        return [data.train[i] for i in units]
 
-    if config.packing:
-        unit_size = lambda row: sum(len(e) for e in row)
-        collate_units = lambda rows: collate_packed(rows, tokenizer.pad_token_id)
-    else:
-        unit_size, collate_units = len, lambda examples: collate(examples, tokenizer.pad_token_id)
+def _save_final(module, model, tokenizer, config: RunConfig, world: World, folder: Path) -> None:
+    """A plain Hugging Face folder (PEFT adapter for LoRA), whatever the parallelism."""
+    state_dict = None
+    if world.distributed:  # gathered on rank 0 (in CPU memory): the one full copy of the run
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    micro_per_epoch = len(epoch_order(0))
-    steps_per_epoch = max(1, micro_per_epoch // config.gradient_accumulation_steps)
-    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
-    optimizer = _optimizer(model, config, device)
-    from transformers import get_scheduler
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state_dict = {name.removeprefix("model."): tensor for name, tensor in full.items()}
+        _share_tied(model, state_dict)
+    if world.is_main:
+        save_model(model, tokenizer, config, folder, state_dict=state_dict)
+    world.barrier()
 
-    scheduler = get_scheduler(
-        "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=round(config.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
+
+def _share_tied(model, state_dict: dict) -> None:
+    """Gathered tied weights (Llama's and Gemma's embedding = output layer) come back as two
+    tensors; make them one again, so save_pretrained writes the weight once as it does alone."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    for names in groups.values():
+        present = [n for n in names if n in state_dict]
+        for name in present[1:]:
+            state_dict[name] = state_dict[present[0]]
+
+
+def train(config: RunConfig, resume: bool = False, console: Console | None = None, force: bool = False) -> TrainResult:
+    """Fine-tune per `config` on this process (or, under torchrun, on all of them)."""
+    world = init_world(config.device)
+    try:
+        return _train(config, world, resume, console or Console(), force)
+    finally:
+        world.close()
+
+
+def _train(config: RunConfig, world: World, resume: bool, console: Console, force: bool) -> TrainResult:
+    # -- set up -------------------------------------------------------------------------------
+    if not world.is_main:
+        console = Console(quiet=True)
+    output_dir = Path(config.output_dir)
+    if world.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    memory = PhaseMemory(world.device)
+    data, tokenizer = _prepare(config, world, memory, output_dir)
+    console.print(
+        f"data: {len(data.train)} train / {len(data.val)} validation rows, "
+        f"{data.report['split']['train_trained_tokens']:,} trained tokens, "
+        f"{data.report['total']['rows_dropped']} dropped, {data.report['total']['rows_truncated']} truncated"
+        + (" (tokenized data from the cache)" if data.report.get("cache") == "hit" else "")
     )
-    start_step = load_trainer_state(resume_from, optimizer, scheduler) if resume_from else 0
+    resume_from = _resume_point(config, world, output_dir, console, force) if resume else None
+    module, model, parallelism, plan = _build(config, world, memory, console)
+    batches = RunBatches(data.train, config, world.rank, world.size, tokenizer.pad_token_id)
+    global_batch = config.batch_size * config.gradient_accumulation_steps * world.size
+    console.print(f"global batch: {global_batch} ({config.batch_size} x {config.gradient_accumulation_steps} "
+                  f"accumulation x {world.size} processes); {batches.total_steps} steps")
+    optimizer = _optimizer(module, config, world.device)
+    scheduler = _scheduler(optimizer, config, batches.total_steps)
+    start_step, progress = 0, {}
     if resume_from:
+        start_step, progress = load_checkpoint(resume_from, module, optimizer, scheduler, config, world)
         console.print(f"resumed from {resume_from} at step {start_step}")
-
-    val_batches = _eval_batches(data.val, config.batch_size, tokenizer.pad_token_id, budget) if data.val else []
+    val_batches = _eval_batches(data.val, config.batch_size, tokenizer.pad_token_id, plan.tokens, world) if data.val else []
 
     def validate(phase: str = "validation") -> float | None:
-        if not val_batches:
+        if not data.val:
             return None
         with memory.phase(phase):
-            return evaluate_loss(model, val_batches, device, config.loss_chunk_size)["loss"]
+            return evaluate(module, val_batches, world, parallelism, tokenizer.pad_token_id)
 
-    metrics_path = output_dir / "metrics.jsonl"
-    if resume_from and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-    elif not resume_from:
-        metrics_path.write_text("")
-    tensorboard = _tensorboard(output_dir)
-
-    val_before = validate("first validation") if not resume_from else None
-    if val_before is not None:
+    val_before = validate("first validation") if not resume_from else progress.get("val_before")
+    if val_before is not None and not resume_from:
         console.print(f"validation loss before training: {val_before:.4f}")
 
-    # -- iterate ----------------------------------------------------------------------------
-    params = [p for p in model.parameters() if p.requires_grad]
-    pending: list[dict] = []  # step records whose loss is still a device tensor (synced at log time)
-    last_loss, val_after, input_tokens_done, started = None, None, 0, time.perf_counter()
-    best_val, best_step, bad_evals, stop_early, shown_val = None, None, 0, False, "-"
-    progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
-        TimeRemainingColumn(), console=console, transient=False,
-    )
-    with progress:
-        task = progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-", tps="-", val="-")
-        last_step = start_step
-        for step in range(start_step + 1, total_steps + 1):
+    # -- iterate ------------------------------------------------------------------------------
+    # the optimizer's own list: FSDP2 leaves the root's parameters unsharded after a no-grad
+    # forward, so module.parameters() would then name tensors the optimizer does not hold
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    val_after, skipped = None, progress.get("skipped_steps", 0)
+    best_val, best_step, bad_evals = progress.get("best_val_loss"), progress.get("best_step"), progress.get("bad_evals", 0)
+    last_step, stop, held = start_step, StopRequest(), None
+    log = RunLog(output_dir, console, world.is_main, start_step, batches.total_steps)
+    with log, stop:
+        for step in range(start_step + 1, batches.total_steps + 1):
             last_step = step
-            # -- step: accumulate micro-batches, normalise by the step's trained-token count --
-            first = (step - 1) * config.gradient_accumulation_steps
-            micro_batches = [micro_batch_units(first + j) for j in range(config.gradient_accumulation_steps)]
             learning_rate = scheduler.get_last_lr()[0]
             with memory.phase("training steps"):
-                while True:
-                    pieces = cut_into_pieces(micro_batches, unit_size, collate_units, budget)
-                    try:
-                        done = forward_backward(model, pieces, device, config.loss_chunk_size, config.loss_impl)
-                        break
-                    except torch.OutOfMemoryError:
-                        optimizer.zero_grad(set_to_none=True)
-                        if device.type != "cuda" or len(pieces) == sum(len(m) for m in micro_batches):
-                            raise _out_of_memory(config) from None
-                        torch.cuda.empty_cache()
-                        budget //= 2
-                        console.print(f"[yellow]out of GPU memory at step {step}: micro_batch_tokens halved to {budget}[/]")
-                if config.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                done = _step(module, batches.micro_batches(step), batches, plan, world, parallelism, config, console, step)
+                grad_norm = plain_value(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+                loss_sum = done.loss_sum if not world.distributed else _global(done.loss_sum, world)
+                step_input_tokens = int(world.sum(done.input_tokens))
+                if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+                    skipped += _non_finite(step, batches, world, config, console, optimizer)
                 else:
-                    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                optimizer.step()
+                    optimizer.step()
+                if held is None:  # what this rank holds once gradients and optimizer state exist
+                    held = local_state_bytes(module, optimizer)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_tokens, step_input_tokens = done.trained_tokens, done.input_tokens
-            loss_sum = done.loss_sum
-            input_tokens_done += step_input_tokens
-            pending.append({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_sum / max(step_tokens, 1),
-                            "grad_norm": grad_norm, "learning_rate": learning_rate, "tokens": step_tokens,
-                            "input_tokens": step_input_tokens})
+            log.record({"step": step, "epoch": round(step / batches.steps_per_epoch, 4),
+                        "loss": loss_sum / max(done.trained_tokens, 1), "grad_norm": grad_norm,
+                        "learning_rate": learning_rate, "tokens": done.trained_tokens,
+                        "input_tokens": step_input_tokens}, step_input_tokens)
 
-            # -- log (the only host-device sync of the loop) ---------------------------------
-            is_last = step == total_steps
+            # -- validate, log --------------------------------------------------------------------
+            is_last = step == batches.total_steps
             val_loss = validate() if is_last or (config.eval_steps and step % config.eval_steps == 0) else None
+            stop_early = False
             if val_loss is not None:
                 if best_val is None or val_loss < best_val:
                     best_val, best_step, bad_evals = val_loss, step, 0
                     if config.save_best and config.eval_steps:
                         with memory.phase("save best"):
-                            save_model(model, tokenizer, config, output_dir / "best")
+                            _save_final(module, model, tokenizer, config, world, output_dir / "best")
                 else:
                     bad_evals += 1
                 stop_early = bool(config.early_stopping_patience) and bad_evals >= config.early_stopping_patience
                 is_last = is_last or stop_early
                 val_after = val_loss if is_last else None
             if step % config.logging_steps == 0 or is_last or val_loss is not None:
-                elapsed = time.perf_counter() - started
-                tokens_per_second = input_tokens_done / elapsed
-                with metrics_path.open("a") as handle:
-                    for record in pending:
-                        record["loss"] = float(record["loss"])
-                        record["grad_norm"] = float(record["grad_norm"])
-                        record["tokens_per_second"] = round(tokens_per_second, 2)
-                        record["elapsed_s"] = round(elapsed, 2)
-                        if record["step"] == step and val_loss is not None:
-                            record["val_loss"] = val_loss
-                        handle.write(json.dumps(record) + "\n")
-                        if tensorboard:
-                            tensorboard.add_scalar("train/loss", record["loss"], record["step"])
-                            tensorboard.add_scalar("train/learning_rate", record["learning_rate"], record["step"])
-                last_loss = pending[-1]["loss"]
-                pending = []
-                if val_loss is not None:
-                    shown_val = f"{val_loss:.4f}"
-                    if not is_last:
-                        console.print(f"step {step}: validation loss {val_loss:.4f}" + (" (best)" if best_step == step else ""))
-                progress.update(task, loss=f"{last_loss:.4f}", lr=f"{learning_rate:.2e}", tps=f"{tokens_per_second:.0f}",
-                                val=shown_val)
-            progress.update(task, completed=step)
+                log.flush(step, val_loss)
+                if val_loss is not None and not is_last:
+                    log.print(f"step {step}: validation loss {val_loss:.4f}" + (" (best)" if best_step == step else ""))
+            log.advance(step)
             if stop_early:
-                console.print(f"early stopping at step {step}: no improvement in {bad_evals} validations "
-                              f"(best {best_val:.4f} at step {best_step})")
+                log.print(f"early stopping at step {step}: no improvement in {bad_evals} validations "
+                          f"(best {best_val:.4f} at step {best_step})")
                 break
 
-            # -- checkpoint -------------------------------------------------------------------
-            if config.save_steps and step % config.save_steps == 0 and not is_last:
+            # -- checkpoint -----------------------------------------------------------------------
+            interrupted = world.any(stop.requested)
+            if interrupted or (config.save_steps and step % config.save_steps == 0 and not is_last):
+                log.flush(step)  # metrics.jsonl holds every step the checkpoint holds
                 with memory.phase("save checkpoint"):
-                    save_checkpoint(model, tokenizer, config, optimizer, scheduler, step, output_dir)
+                    folder = save_checkpoint(module, optimizer, scheduler, step, config, tokenizer, world, output_dir, {
+                        "val_before": val_before, "best_val_loss": best_val, "best_step": best_step,
+                        "bad_evals": bad_evals, "skipped_steps": skipped,
+                    })
+            if interrupted:
+                console.print(f"[yellow]{stop.signal or 'stop signal'} on a rank: stopped after step {step}; "
+                              f"checkpoint {folder}. Resume with: sftlab train CONFIG --resume[/]")
+                return _finish(config, world, output_dir, memory, plan, held, log, last_step, start_step, val_before,
+                               None, best_val, best_step, skipped, interrupted=stop.signal or "signal")
 
-    seconds = time.perf_counter() - started
+    # -- save ---------------------------------------------------------------------------------
     del optimizer, scheduler, params  # the optimizer state is done with: saving needs the weights only
     release_freed_memory()
     if val_after is not None:
         before = f"{val_before:.4f} -> " if val_before is not None else ""
         console.print(f"validation loss: {before}{val_after:.4f}")
     with memory.phase("save final"):
-        save_model(model, tokenizer, config, output_dir / "final")
-    with memory.phase("check saved template"):
-        verify_saved_template(output_dir / "final", data.samples, config.train_on)
-    if tensorboard:
-        tensorboard.close()
+        _save_final(module, model, tokenizer, config, world, output_dir / "final")
+    if world.is_main:
+        with memory.phase("check saved template"):
+            verify_saved_template(output_dir / "final", data.samples, config.train_on)
+        if world.distributed and not config.cache:
+            shutil.rmtree(output_dir / ".prepared", ignore_errors=True)
+    return _finish(config, world, output_dir, memory, plan, held, log, last_step, start_step, val_before,
+                   val_after, best_val, best_step, skipped)
+
+
+def _step(module, micro_batches, batches: RunBatches, plan, world, parallelism, config, console, step):
+    """Forward and backward of one step; on CUDA out-of-memory, again at half the token budget."""
+    while True:
+        pieces = cut_into_pieces(micro_batches, batches.unit_size, batches.collate, plan.tokens)
+        try:
+            return forward_backward(module, pieces, world.device, world, parallelism,
+                                    grad_into_weight=not world.distributed, pad_id=batches.pad_id)
+        except torch.OutOfMemoryError:
+            for p in module.parameters():
+                p.grad = None
+            if world.device.type != "cuda" or len(pieces) == sum(len(m) for m in micro_batches) or world.distributed:
+                raise RuntimeError(
+                    f"out of memory at step {step} with micro_batch_tokens {plan.tokens} (max_length "
+                    f"{config.max_length}): lower max_length or micro_batch_tokens, set gradient_checkpointing: "
+                    "true, or use method: lora"
+                ) from None
+            torch.cuda.empty_cache()
+            plan.tokens //= 2
+            console.print(f"[yellow]out of GPU memory at step {step}: micro_batch_tokens halved to {plan.tokens}[/]")
+
+
+def _global(loss_sum: torch.Tensor, world: World) -> torch.Tensor:
+    return torch.tensor(world.sum(float(loss_sum)), device=loss_sum.device)
+
+
+def _non_finite(step: int, batches: RunBatches, world: World, config: RunConfig, console: Console, optimizer) -> int:
+    """A NaN/Inf step: skipped and counted (on_nan: skip), or the run stops naming its rows."""
+    rows = batches.sources(step)
+    shown = ", ".join(rows[:8]) + (f" and {len(rows) - 8} more" if len(rows) > 8 else "")
+    if config.on_nan == "skip":
+        console.print(f"[yellow]step {step}: loss or gradient is NaN/Inf; step skipped (on_nan: skip). Rows: {shown}[/]")
+        optimizer.zero_grad(set_to_none=True)
+        return 1
+    raise NonFiniteLossError(
+        f"step {step}: the loss or gradient norm is NaN/Inf ({f'rank {world.rank} ' if world.distributed else ''}"
+        f"rows: {shown}). Check those rows, "
+        "lower learning_rate, or set on_nan: skip to skip such steps and count them"
+    )
+
+
+def _finish(config, world, output_dir, memory, plan, held, log, last_step, start_step, val_before, val_after,
+            best_val, best_step, skipped, interrupted=None) -> TrainResult:
+    seconds = time.perf_counter() - log.started
     result = TrainResult(
-        output_dir=str(output_dir), steps=last_step, final_train_loss=last_loss, val_loss_before=val_before,
+        output_dir=str(output_dir), steps=last_step, final_train_loss=log.last_loss, val_loss_before=val_before,
         val_loss_after=val_after, best_val_loss=best_val, best_step=best_step, seconds=round(seconds, 2),
-        tokens_per_second=round(input_tokens_done / seconds, 2) if seconds > 0 else 0.0,
+        tokens_per_second=round(log.tokens_per_second, 2), interrupted=interrupted, skipped_steps=skipped,
     )
-    (output_dir / "train_summary.json").write_text(json.dumps({
-        **asdict(result), "micro_batch_tokens": budget, "memory": {**memory.summary(), **plan.summary()},
-    }, indent=2))
     memory.close()
-    console.print(memory.table())
-    console.print(f"saved {output_dir / 'final'} ({last_step - start_step} steps in {seconds:.0f}s)")
+    mb = lambda b: round(b / 2**20, 1)
+    ranks = world.gather({"rank": world.rank, "process_peak_mb": memory.summary()["process_peak_mb"],
+                          "held_mb": {k: mb(v) for k, v in (held or {}).items()}})
+    if log.enabled:
+        (output_dir / "train_summary.json").write_text(json.dumps({
+            **asdict(result), "world_size": world.size, "micro_batch_tokens": plan.tokens,
+            "memory": {**memory.summary(), **plan.summary(), "ranks": ranks},
+        }, indent=2))
+        log.console.print(memory.table())
+        if not interrupted:
+            log.console.print(f"saved {output_dir / 'final'} ({last_step - start_step} steps in {seconds:.0f}s)")
     return result
-
-
-def _out_of_memory(config: RunConfig) -> RuntimeError:
-    return RuntimeError(
-        f"out of memory with one example per forward pass (max_length {config.max_length}): lower max_length, "
-        "set gradient_checkpointing: true, or use method: lora"
-    )
-
-
-def _tensorboard(output_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(output_dir / "tensorboard"))

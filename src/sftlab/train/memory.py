@@ -261,12 +261,16 @@ def recompute_share(model, method: str) -> float:
 
 
 def enable_checkpointing(model, method: str) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' name since 5.x (the old one warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if method == "lora":
         model.enable_input_require_grads()
 
 
-@dataclass(frozen=True)
+@dataclass
 class MemoryPlan:
     tokens: int  # micro_batch_tokens
     checkpointing: bool
@@ -303,13 +307,15 @@ def _layer_count(model) -> int:
 
 
 def plan_memory(model, device: torch.device, max_length: int, method: str,
-                budget_setting: str | int = "auto", checkpointing_setting: str | bool = "auto") -> MemoryPlan:
+                budget_setting: str | int = "auto", checkpointing_setting: str | bool = "auto",
+                shards: int = 1) -> MemoryPlan:
     """Resolve `gradient_checkpointing` and `micro_batch_tokens` (and turn checkpointing on).
 
     Checkpointing auto: on when it adds under RECOMPUTE_SHARE_LIMIT of a step's FLOPs, or when
     one max_length row's activations exceed the memory allowance. Budget auto: as many tokens
     as the allowance holds at the measured activation bytes per token, never fewer than one
-    max_length row (the smallest piece there is); a number is taken as given."""
+    max_length row (the smallest piece there is); a number is taken as given. `shards`: the
+    processes FSDP2 spreads the training state over (each holds 1/shards of it)."""
     reasons = []
     checkpointing = checkpointing_setting is True
     if checkpointing_setting == "auto":
@@ -317,7 +323,7 @@ def plan_memory(model, device: torch.device, max_length: int, method: str,
         checkpointing = share < RECOMPUTE_SHARE_LIMIT
         reasons.append(f"activation checkpointing {'on' if checkpointing else 'off'} (auto: recompute adds "
                        f"{share:.0%} to a step's FLOPs, limit {RECOMPUTE_SHARE_LIMIT:.0%})")
-    state = training_state_bytes(model)
+    state = training_state_bytes(model) // shards
     if budget_setting != "auto":
         if checkpointing:
             enable_checkpointing(model, method)
