@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	bash examples/demo.sh
 
+# two pytest workers, whole files each (module fixtures stay in one process); each test's
+# torch threads and subprocesses share the cores
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	$(PIP) install -q -e '.[bench]'

@@ -235,9 +235,12 @@ def _unpack(arrays, prefix: str, sources: list[str]) -> list[Example]:
 
 
 def _save_cache(folder: Path, data: PreparedData) -> None:
+    import shutil
+    import tempfile
+
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(exist_ok=True)
+    # a folder of this writer's own: two processes preparing the same data never mix their files
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     arrays = {f"{split}_{k}": v for split, examples in (("train", data.train), ("val", data.val))
               for k, v in _pack(examples).items()}
     np.savez(tmp / "examples.npz", **arrays)
@@ -247,10 +250,14 @@ def _save_cache(folder: Path, data: PreparedData) -> None:
             "samples": [[c.source, [[m.role, m.content, m.trained] for m in c.messages]] for c in data.samples]}
     (tmp / "meta.json").write_text(json.dumps(meta))
     if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    tmp.rename(folder)  # a killed prepare never leaves a cache entry that looks complete
+        if _load_cache(folder) is not None:  # another process wrote the same entry meanwhile: keep it
+            shutil.rmtree(tmp)
+            return
+        shutil.rmtree(folder, ignore_errors=True)  # an unreadable entry: replaced
+    try:
+        tmp.rename(folder)  # a killed prepare never leaves a cache entry that looks complete
+    except OSError:  # another process renamed the same entry into place first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_cache(folder: Path) -> PreparedData | None:

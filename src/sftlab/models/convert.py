@@ -75,8 +75,9 @@ def pull(name: str, force: bool = False) -> Path:
             staging = work / "checkpoint"
             convert_gguf(gguf, staging)
             progress.update(task, advance=1, description=f"pull {name}: install into cache")
-            if target.exists():
+            if target.exists() and force:
                 shutil.rmtree(target)
-            staging.rename(target)  # same filesystem: atomic, so a killed pull never leaves half a model
+            if not target.exists():  # (another process may have finished the same pull meanwhile)
+                staging.rename(target)  # same filesystem: atomic, so a killed pull never leaves half a model
             progress.update(task, advance=1, description=f"pull {name}: done")
     return target
