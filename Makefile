@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 SFTLAB := $(VENV)/bin/sftlab
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-scaling bench-prepare clean
 
 install: $(STAMP)
 
@@ -35,6 +35,14 @@ bench: install
 	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/prepare_speed.py
 	$(PY) bench/run.py
+
+# 1 process vs 2 (DDP, FSDP2) at the same global batch: tokens/s and memory per rank (~8 min)
+bench-scaling: install
+	$(PY) bench/scaling.py
+
+# `sftlab prepare` at 100k and 1M generated rows: peak RSS, throughput vs the bare tokenizer, start-up
+bench-prepare: install
+	$(PY) bench/prepare_scale.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -86,8 +86,8 @@ def test_data_report_counts_tokens_and_trained_tokens(tokenizer, tmp_path):
     config = load_config(overrides=[f"data={write_json(tmp_path / 'd.json', rows)}", "val_fraction=0.5"])
     data = prepare_data(config, tokenizer)
     total = data.report["total"]
-    assert total["tokens"] == sum(len(e) for e in data.train + data.val)
-    assert total["trained_tokens"] == sum(e.trained_token_count for e in data.train + data.val)
+    assert total["tokens"] == sum(len(e) for e in [*data.train, *data.val])
+    assert total["trained_tokens"] == sum(e.trained_token_count for e in [*data.train, *data.val])
     assert total["trained_tokens"] == len(tokenizer("Yes.", add_special_tokens=False)["input_ids"]) + len(
         tokenizer("No.", add_special_tokens=False)["input_ids"]) + 2  # + one EOS each
     assert (len(data.train), len(data.val)) == (1, 1)

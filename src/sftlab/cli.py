@@ -154,6 +154,8 @@ def _print_report(report: dict) -> None:
                   f"template {report['template']}, train_on {report['train_on']}", highlight=False)
     if report.get("cache") == "hit":
         console.print(f"tokenized data reused from the cache ({report['cache_key']})", highlight=False)
+    if report.get("resumed"):
+        console.print("continued a prepare that was stopped midway (from its last checkpoint)", highlight=False)
 
 
 @app.command("prepare")
@@ -169,6 +171,9 @@ def prepare_cmd(
 
     data = _run(lambda: prepare(load_config(config, set_)))
     _print_report(data.report)
+    meta = data.store.meta
+    where = "(temporary: cache is off)" if data.report["cache"] == "off" else f"({data.report['cache']})"
+    console.print(f"token store: {data.store.folder} {where}: {meta['rows']:,} rows, {meta['tokens']:,} tokens")
     console.print(f"report: {Path(load_config(config, set_).output_dir) / 'data_report.json'}")
 
 

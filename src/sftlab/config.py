@@ -83,6 +83,10 @@ class RunConfig(_Strict):
     drop_trailing_user: bool = Field(False, description="repair: drop unanswered user turns at the end")
     drop_duplicates: bool = Field(False, description="drop exact duplicate conversations (always counted)")
     cache: bool = Field(True, description="reuse tokenized data keyed by data, tokenizer, template and max_length")
+    num_proc: int | Literal["auto"] = Field(
+        "auto", description="processes that render and tokenize while preparing big data (auto = the CPU count; "
+        "workers start after the first 20,000 rows)",
+    )
     max_length: int = Field(512, gt=8, description="longest example in tokens; longer ones are truncated")
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="malformed rows: 'raise' stops with the location, 'skip' drops and counts them"
@@ -173,6 +177,13 @@ class RunConfig(_Strict):
             value = [value]
         if isinstance(value, list):
             return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("num_proc")
+    @classmethod
+    def _positive_processes(cls, value: Any) -> Any:
+        if value != "auto" and value < 1:
+            raise ValueError("give a number of processes >= 1, or auto")
         return value
 
     @field_validator("micro_batch_tokens")

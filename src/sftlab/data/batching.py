@@ -3,8 +3,9 @@ the same batches as an uninterrupted one and can skip finished ones without touc
 
 from __future__ import annotations
 
-import random
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from sftlab.data.tokenize import IGNORE_INDEX, Example
@@ -12,24 +13,47 @@ from sftlab.data.tokenize import IGNORE_INDEX, Example
 MEGABATCH = 32  # length grouping sorts within windows of this many micro-batches, keeping randomness
 
 
-def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
-    """Indices of each micro-batch for one epoch.
+class BatchPlan(Sequence):
+    """The micro-batches of one epoch as arrays, not a list per batch: batch b holds the units
+    ``items[starts[b]:ends[b]]`` (examples, or packed rows)."""
+
+    def __init__(self, items: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+        self.items, self.starts, self.ends = items, starts, ends
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, b: int) -> list[int]:
+        return self.items[self.starts[b] : self.ends[b]].tolist()
+
+
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([abs(seed), epoch])
+
+
+def batch_order(lengths, batch_size: int, seed: int, epoch: int, group_by_length: bool,
+                batches_per_step: int = 1) -> BatchPlan:
+    """Each micro-batch of one epoch, computed with numpy over the lengths array.
 
     With grouping, a shuffled window of MEGABATCH micro-batches is sorted by length and cut
-    into batches, so each batch holds similar lengths (less padding) while the order of
-    batches stays random.
+    into batches, so each batch holds similar lengths (less padding); the batches are then
+    shuffled in runs of `batches_per_step` (the micro-batches of one optimizer step on all
+    ranks: gradient_accumulation_steps x world_size), so the ranks of a step get batches of
+    similar length and none waits long for the others, while the order of steps stays random.
     """
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rng = epoch_rng(seed, epoch)
+    order = rng.permutation(len(lengths))
     if group_by_length:
-        window = batch_size * MEGABATCH
-        order = [i for s in range(0, len(order), window)
-                 for i in sorted(order[s : s + window], key=lambda i: -lengths[i])]
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        window = np.arange(len(order)) // (batch_size * max(MEGABATCH, batches_per_step))
+        order = order[np.lexsort((-lengths[order], window))]  # by window, then longest first (stable)
+    starts = np.arange(0, len(order), batch_size)
+    ends = np.minimum(starts + batch_size, len(order))
     if group_by_length:
-        rng.shuffle(batches)
-    return batches
+        runs = np.arange(len(starts)) // batches_per_step
+        shuffled = np.argsort(rng.permutation(runs[-1] + 1)[runs], kind="stable") if len(runs) else runs
+        starts, ends = starts[shuffled], ends[shuffled]
+    return BatchPlan(order, starts, ends)
 
 
 def split_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:

@@ -9,9 +9,14 @@ max_length and every option that changes the result, so a second run reuses it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
+import shutil
+import tempfile
+import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +27,14 @@ import numpy as np
 from sftlab.config import DataSource, RunConfig
 from sftlab.data.formats import FORMATS, Conversation, FormatOptions, Message, detect_format
 from sftlab.data.readers import DataError, read_rows
-from sftlab.data.templates import check_consistency, get_template, template_fingerprint
+from sftlab.data.store import StoreView, StoreWriter, TokenStore
+from sftlab.data.templates import TemplateError, check_consistency, get_template, template_fingerprint
 from sftlab.data.tokenize import Dropped, Example, tokenize_rendered
 
 TOKENIZE_BATCH = 256  # the fast tokenizer is much quicker on batches than on single texts
 CONSISTENCY_SAMPLE = 8  # rows per source whose inference prompts are checked token by token
-CACHE_FORMAT = 4  # bump when the cached layout or the preparation logic changes
+CACHE_FORMAT = 5  # bump when the cached layout or the preparation logic changes (5: the token store)
+REPORT_DROPPED = 1000  # dropped rows listed in the report (all of them are in the store's dropped.jsonl)
 
 
 def _format_options(config: RunConfig, source: DataSource) -> FormatOptions:
@@ -73,6 +80,40 @@ def _percentiles(values) -> dict:
     return {"min": int(ordered[0]), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": int(ordered[-1])}
 
 
+class Histogram:
+    """Counts of non-negative integers (token lengths, turns): exact percentiles in memory that
+    does not grow with the number of rows."""
+
+    def __init__(self):
+        self.counts = np.zeros(64, dtype=np.int64)
+
+    def add(self, values) -> None:
+        values = np.asarray(values, dtype=np.int64)
+        if len(values) == 0:
+            return
+        top = int(values.max())
+        if top >= len(self.counts):
+            self.counts = np.concatenate([self.counts, np.zeros(max(top + 1, 2 * len(self.counts)) - len(self.counts), np.int64)])
+        self.counts += np.bincount(values, minlength=len(self.counts))
+
+    def merge(self, other: Histogram) -> None:
+        if len(other.counts) > len(self.counts):
+            self.counts, other_counts = other.counts.copy(), self.counts
+        else:
+            other_counts = other.counts
+        self.counts[: len(other_counts)] += other_counts
+
+    def percentiles(self) -> dict:
+        """As _percentiles over the values themselves: the value at rank round(q * (n - 1))."""
+        n = int(self.counts.sum())
+        if n == 0:
+            return {}
+        cumulative = np.cumsum(self.counts)
+        at = lambda rank: int(np.searchsorted(cumulative, rank + 1))
+        pick = lambda q: at(min(n - 1, int(q * (n - 1) + 0.5)))
+        return {"min": at(0), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": at(n - 1)}
+
+
 @dataclass
 class SourceReport:
     path: str
@@ -88,18 +129,19 @@ class SourceReport:
     boundary_merged: int = 0
     tokens: int = 0
     trained_tokens: int = 0
-    lengths: list = field(default_factory=list)
-    prompt_lengths: list = field(default_factory=list)
-    trained_lengths: list = field(default_factory=list)
-    turns: list = field(default_factory=list)
+    lengths: Histogram = field(default_factory=Histogram)
+    prompt_lengths: Histogram = field(default_factory=Histogram)
+    trained_lengths: Histogram = field(default_factory=Histogram)
+    turns: Histogram = field(default_factory=Histogram)
     roles: Counter = field(default_factory=Counter)
 
     def add_conversations(self, conversations: list[Conversation]) -> None:
+        self.turns.add([sum(m.role in ("user", "assistant") for m in c.messages) for c in conversations])
         for c in conversations:
-            self.turns.append(sum(m.role in ("user", "assistant") for m in c.messages))
             self.roles.update(m.role for m in c.messages)
 
     def add(self, results: list[Example | Dropped]) -> None:
+        lengths, trained_counts = [], []
         for item in results:
             if isinstance(item, Dropped):
                 self.dropped[item.reason] += 1
@@ -108,12 +150,24 @@ class SourceReport:
             self.truncated += item.truncated
             self.lost_end_token += item.lost_end_token
             self.boundary_merged += item.boundary_merged
-            trained = item.trained_token_count
-            self.tokens += len(item)
-            self.trained_tokens += trained
-            self.lengths.append(len(item))
-            self.trained_lengths.append(trained)
-            self.prompt_lengths.append(len(item) - trained)
+            lengths.append(len(item))
+            trained_counts.append(item.trained_token_count)
+        lengths, trained_counts = np.asarray(lengths, dtype=np.int64), np.asarray(trained_counts, dtype=np.int64)
+        self.tokens += int(lengths.sum())
+        self.trained_tokens += int(trained_counts.sum())
+        self.lengths.add(lengths)
+        self.trained_lengths.add(trained_counts)
+        self.prompt_lengths.add(lengths - trained_counts)
+
+    def merge(self, other: SourceReport) -> None:
+        self.rows_read += other.rows_read
+        self.dropped.update(other.dropped)
+        self.duplicates += other.duplicates
+        self.roles.update(other.roles)
+        for name in ("rows_kept", "truncated", "lost_end_token", "boundary_merged", "tokens", "trained_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("lengths", "prompt_lengths", "trained_lengths", "turns"):
+            getattr(self, name).merge(getattr(other, name))
 
     def as_dict(self) -> dict:
         return {
@@ -126,21 +180,29 @@ class SourceReport:
             "rows_prompt_response_token_merged": self.boundary_merged,
             "tokens": self.tokens, "trained_tokens": self.trained_tokens,
             "trained_share": round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0,
-            "length_percentiles": _percentiles(self.lengths),
-            "prompt_length_percentiles": _percentiles(self.prompt_lengths),
-            "trained_length_percentiles": _percentiles(self.trained_lengths),
-            "turns_percentiles": _percentiles(self.turns),
+            "length_percentiles": self.lengths.percentiles(),
+            "prompt_length_percentiles": self.prompt_lengths.percentiles(),
+            "trained_length_percentiles": self.trained_lengths.percentiles(),
+            "turns_percentiles": self.turns.percentiles(),
             "role_counts": dict(self.roles),
         }
 
 
 @dataclass
 class PreparedData:
-    train: list[Example]
-    val: list[Example]
-    dropped: list[Dropped]
+    """The prepared splits, memory-mapped from the token store (see sftlab.data.store)."""
+
+    train: StoreView
+    val: StoreView
     report: dict
     samples: list[Conversation] = field(default_factory=list)  # rows for the train/inference check
+    store: TokenStore | None = None
+    _cleanup: object = None  # removes a temporary store (cache off) with this object
+
+    @property
+    def dropped(self) -> list[Dropped]:
+        """Every dropped row, read from the store's dropped.jsonl."""
+        return list(self.store.dropped()) if self.store else []
 
     def save_report(self, output_dir: str | Path) -> Path:
         path = Path(output_dir) / "data_report.json"
@@ -160,20 +222,10 @@ def _sample(items: list, weight: float, max_rows: int | None, rng: random.Random
     return items * whole + rng.sample(items, round(len(items) * fraction))
 
 
-def _conversation_key(c: Conversation) -> str:
-    return hashlib.sha1(json.dumps([(m.role, m.content) for m in c.messages]).encode()).hexdigest()
-
-
-def _tokenize(conversations, template, tokenizer, config, report, dropped) -> list[Example]:
-    examples: list[Example] = []
-    for start in range(0, len(conversations), TOKENIZE_BATCH):
-        chunk = conversations[start : start + TOKENIZE_BATCH]
-        rendered = [template.render(c, config.train_on) for c in chunk]
-        results = tokenize_rendered(tokenizer, rendered, [c.source for c in chunk], config.max_length)
-        report.add(results)
-        examples += [r for r in results if isinstance(r, Example)]
-        dropped += [r for r in results if isinstance(r, Dropped)]
-    return examples
+def _conversation_key(c: Conversation) -> int:
+    """8 bytes a conversation for exact-duplicate detection (not the conversation itself)."""
+    digest = hashlib.blake2b(json.dumps([(m.role, m.content) for m in c.messages]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 # -- cache -------------------------------------------------------------------------------------
@@ -216,42 +268,22 @@ def _cache_dir(key: str, root: Path | None = None) -> Path:
     return (root or sftlab_home() / "cache" / "data") / key
 
 
-def _pack(examples: list[Example]) -> dict:
-    lengths = np.array([len(e) for e in examples], dtype=np.int64)
-    return {
-        "ids": np.concatenate([e.input_ids for e in examples]) if examples else np.zeros(0, np.int32),
-        "labels": np.concatenate([e.labels for e in examples]) if examples else np.zeros(0, np.int32),
-        "lengths": lengths,
-        "flags": np.array([[e.truncated, e.boundary_merged, e.lost_end_token] for e in examples], dtype=bool).reshape(-1, 3),
-    }
+def _load_cache(folder: Path) -> PreparedData | None:
+    """The store in `folder` when it is complete (its meta.json is written last)."""
+    try:
+        store = TokenStore(folder)
+    except (OSError, ValueError, KeyError):
+        return None
+    meta = store.meta
+    samples = [Conversation(tuple(Message(*m) for m in messages), source) for source, messages in meta["samples"]]
+    return PreparedData(store.split("train"), store.split("val"), meta["report"], samples, store)
 
 
-def _unpack(arrays, prefix: str, sources: list[str]) -> list[Example]:
-    ids, labels, lengths, flags = (arrays[f"{prefix}_{k}"] for k in ("ids", "labels", "lengths", "flags"))
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    return [Example(ids[s:e], labels[s:e], src, bool(f[0]), bool(f[1]), bool(f[2]))
-            for s, e, src, f in zip(starts, ends, sources, flags)]
-
-
-def _save_cache(folder: Path, data: PreparedData) -> None:
-    import shutil
-    import tempfile
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # a folder of this writer's own: two processes preparing the same data never mix their files
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    arrays = {f"{split}_{k}": v for split, examples in (("train", data.train), ("val", data.val))
-              for k, v in _pack(examples).items()}
-    np.savez(tmp / "examples.npz", **arrays)
-    meta = {"report": data.report, "train_sources": [e.source for e in data.train],
-            "val_sources": [e.source for e in data.val],
-            "dropped": [[d.source, d.reason, d.detail] for d in data.dropped],
-            "samples": [[c.source, [[m.role, m.content, m.trained] for m in c.messages]] for c in data.samples]}
-    (tmp / "meta.json").write_text(json.dumps(meta))
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename a finished store into place (atomic); another process's complete entry wins."""
     if folder.exists():
-        if _load_cache(folder) is not None:  # another process wrote the same entry meanwhile: keep it
-            shutil.rmtree(tmp)
+        if _load_cache(folder) is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
             return
         shutil.rmtree(folder, ignore_errors=True)  # an unreadable entry: replaced
     try:
@@ -260,110 +292,318 @@ def _save_cache(folder: Path, data: PreparedData) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_cache(folder: Path) -> PreparedData | None:
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-        with np.load(folder / "examples.npz") as arrays:
-            train = _unpack(arrays, "train", meta["train_sources"])
-            val = _unpack(arrays, "val", meta["val_sources"])
-    except (OSError, ValueError, KeyError):
-        return None
-    samples = [Conversation(tuple(Message(*m) for m in messages), source) for source, messages in meta["samples"]]
-    return PreparedData(train, val, [Dropped(*d) for d in meta["dropped"]], meta["report"], samples)
-
-
 # -- the stage ---------------------------------------------------------------------------------
 
-def prepare_data(config: RunConfig, tokenizer, use_cache: bool | None = None, cache_root: Path | None = None) -> PreparedData:
+def _progress(enabled: bool):
+    from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]prepare[/] {task.description}"), TextColumn("{task.completed:,.0f} rows"),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=True, disable=not enabled,
+    )
+
+
+def prepare_data(config: RunConfig, tokenizer, use_cache: bool | None = None, cache_root: Path | None = None,
+                 progress: bool = True) -> PreparedData:
     """Prepare the run's training and validation examples and the data report.
 
-    The report's `cache` field says whether the result came from the cache ("hit") or was
-    computed ("miss"); `cache_key` identifies the entry. `cache_root` replaces the shared cache
-    folder (a distributed run with `cache: false` hands its data to the other ranks there).
+    Rows stream from the files through format -> template -> tokenize into a token store on
+    disk (memory stays flat in the number of rows); the result is memory-mapped from it. The
+    report's `cache` field says whether the store came from the cache ("hit") or was computed
+    ("miss"); `cache_key` identifies the entry. `cache_root` replaces the shared cache folder (a
+    distributed run with `cache: false` hands its data to the other ranks there).
     """
     template = get_template(config.template, tokenizer)
     use_cache = config.cache if use_cache is None else use_cache
     key = cache_key(config, tokenizer, template) if use_cache else None
-    if key is not None:
-        cached = _load_cache(_cache_dir(key, cache_root))
+    folder = _cache_dir(key, cache_root) if key else None
+    if folder is None:  # no cache: a temporary store, removed with the data
+        tmp = Path(tempfile.mkdtemp(prefix="sftlab-store-"))
+        try:
+            _write_store(config, tokenizer, template, tmp, key, progress)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        data = _load_cache(tmp)
+        # removed with the store, which every view of it (data.train, data.val) keeps alive
+        data._cleanup = weakref.finalize(data.store, shutil.rmtree, tmp, True)
+        return data
+    cached = _load_cache(folder)
+    if cached is not None:
+        cached.report["cache"] = "hit"
+        return cached
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(folder.parent / f".{folder.name}.lock"):  # one writer per entry; the others wait, then read
+        cached = _load_cache(folder)
         if cached is not None:
             cached.report["cache"] = "hit"
             return cached
-
-    reports: list[SourceReport] = []
-    dropped: list[Dropped] = []
-    splits: dict[str, list[Example]] = {"train": [], "val": []}
-    seen: set[str] = set()
-    samples: list[Conversation] = []
-    rng = random.Random(config.seed)
-    sources = [("train", s) for s in config.data] + [("val", s) for s in config.eval_data]
-    for split, source in sources:
-        options = _format_options(config, source)
-        conversations, bad_rows, rows_read, fmt = load_conversations(source, config.on_error, options)
-        report = SourceReport(path=str(source.path), split=split, rows_read=rows_read, format=fmt)
-        for row in bad_rows:
-            report.dropped[row.reason] += 1
-        dropped += bad_rows
-        # exact duplicates: always counted, dropped on request
-        unique = []
-        for c in conversations:
-            k = _conversation_key(c)
-            if k in seen:
-                report.duplicates += 1
-                if config.drop_duplicates:
-                    report.dropped["duplicate"] += 1
-                    dropped.append(Dropped(c.source, "duplicate", "an identical conversation came earlier"))
-                    continue
-            seen.add(k)
-            unique.append(c)
-        for c in unique[:CONSISTENCY_SAMPLE]:
-            if config.train_on != "all" and any(m.role == "assistant" for m in c.messages):
-                check_consistency(template, tokenizer, c, config.train_on)
-                samples.append(c)
-        report.add_conversations(unique)
-        examples = _tokenize(unique, template, tokenizer, config, report, dropped)
-        if split == "train" and not config.eval_data and config.val_fraction > 0 and examples:
-            # a stable split per source: the same seed and data give the same held-out rows
-            order = list(range(len(examples)))
-            random.Random(config.seed).shuffle(order)
-            held = set(order[: max(1, round(len(examples) * config.val_fraction))])
-            splits["val"] += [e for i, e in enumerate(examples) if i in held]
-            examples = [e for i, e in enumerate(examples) if i not in held]
-        if split == "train":
-            examples = _sample(examples, source.weight, source.max_rows, rng)
-        report.rows_used = len(examples)
-        splits[split] += examples
-        reports.append(report)
-
-    train, val = splits["train"], splits["val"]
-    if not train:
-        raise DataError("no training rows are left after preparation; see the data report for the reasons", "empty")
-    total = SourceReport(path="(all)", split="all")
-    for r in reports:
-        total.rows_read += r.rows_read
-        total.dropped.update(r.dropped)
-        total.duplicates += r.duplicates
-        total.turns += r.turns
-        total.roles.update(r.roles)
-        for name in ("rows_kept", "truncated", "lost_end_token", "boundary_merged", "tokens", "trained_tokens"):
-            setattr(total, name, getattr(total, name) + getattr(r, name))
-        for name in ("lengths", "prompt_lengths", "trained_lengths"):
-            getattr(total, name).extend(getattr(r, name))
-    total.rows_used = len(train) + len(val)
-    report = {
-        "template": template.name,
-        "train_on": config.train_on,
-        "max_length": config.max_length,
-        "tokenizer": getattr(tokenizer, "name_or_path", ""),
-        "sources": [r.as_dict() for r in reports],
-        "total": total.as_dict(),
-        "split": {"train_rows": len(train), "val_rows": len(val),
-                  "train_trained_tokens": int(sum(e.trained_token_count for e in train))},
-        "dropped_rows": [{"source": d.source, "reason": d.reason, "detail": d.detail} for d in dropped[:1000]],
-        "cache": "miss" if key else "off",
-        "cache_key": key,
-    }
-    data = PreparedData(train, val, dropped, report, samples)
-    if key is not None:
-        _save_cache(_cache_dir(key, cache_root), data)
+        partial = folder.parent / f".{folder.name}.partial"  # kept when killed: the next prepare resumes it
+        try:
+            resumed = _write_store(config, tokenizer, template, partial, key, progress)
+        except (DataError, TemplateError):  # the data must change: nothing to resume
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        _publish(partial, folder)
+    data = _load_cache(folder)
+    data.report["cache"] = "miss"
+    data.report["resumed"] = resumed  # True: continued a prepare that was stopped midway
     return data
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+POOL_AFTER_ROWS = 20_000  # worker processes start once the data proves this big (spawning costs ~2 s)
+
+_worker_state: dict = {}
+
+
+def _init_worker(tokenizer, template_name: str, train_on: str, max_length: int) -> None:
+    import os
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _worker_state.update(tokenizer=tokenizer, template=get_template(template_name, tokenizer), train_on=train_on,
+                         max_length=max_length)
+
+
+def _render_and_tokenize(chunk: list[Conversation], state: dict | None = None) -> list[Example | Dropped]:
+    state = state or _worker_state
+    rendered = [state["template"].render(c, state["train_on"]) for c in chunk]
+    return tokenize_rendered(state["tokenizer"], rendered, [c.source for c in chunk], state["max_length"])
+
+
+class _ChunkTokenizer:
+    """Renders and tokenizes chunks of conversations in order: in this process, or in num_proc
+    worker processes once the data is big enough to pay for them. At most two chunks a worker
+    are in flight, so memory does not grow with the data."""
+
+    def __init__(self, tokenizer, template, config: RunConfig, num_proc: int):
+        self.state = {"tokenizer": tokenizer, "template": template, "train_on": config.train_on,
+                      "max_length": config.max_length}
+        self.init_args = (tokenizer, config.template, config.train_on, config.max_length)
+        self.num_proc, self.pool, self.pending = num_proc, None, []
+
+    def submit(self, chunk: list[Conversation], rows_so_far: int) -> None:
+        if self.pool is None and self.num_proc > 1 and rows_so_far >= POOL_AFTER_ROWS:
+            import multiprocessing
+
+            self.pool = multiprocessing.get_context("spawn").Pool(self.num_proc, _init_worker, self.init_args)
+        if self.pool is None:
+            self.pending.append(_render_and_tokenize(chunk, self.state))
+        else:
+            self.pending.append(self.pool.apply_async(_render_and_tokenize, (chunk,)))
+
+    def ready(self, drain: bool = False):
+        """Results in submission order: all of them (drain), or while too many are in flight."""
+        limit = 0 if drain else 2 * max(1, self.num_proc) if self.pool else 0
+        while len(self.pending) > limit:
+            item = self.pending.pop(0)
+            yield item if isinstance(item, list) else item.get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _num_proc(setting) -> int:
+    import os
+
+    return max(1, os.cpu_count() or 1) if setting == "auto" else int(setting)
+
+
+PROGRESS = "progress.pkl"  # a partial store's checkpoint (see _Preparation)
+CHECKPOINT_SECONDS = 60.0  # a killed prepare loses at most about this much work
+
+
+class _Preparation:
+    """Streams every source into a StoreWriter, row by row, keeping the report's running counts.
+
+    Every CHECKPOINT_SECONDS, between chunks, it saves its state to PROGRESS in the store
+    folder (written atomically): a prepare killed midway and run again resumes from there —
+    the files are cut back to their checkpointed sizes and the rows already done are skipped
+    (re-read, not re-tokenized) — and ends with the same store as an uninterrupted one."""
+
+    SAVED = ("si", "rows_done", "reports", "report", "fmt", "checked", "first_row", "splits", "seen", "samples",
+             "first_dropped", "rng", "total_rows", "total_tokens")
+
+    def __init__(self, config: RunConfig, tokenizer, template, folder: Path, key: str | None, show: bool):
+        self.config, self.tokenizer, self.template, self.folder, self.key, self.show = (
+            config, tokenizer, template, folder, key, show)
+        self.sources = [("train", s) for s in config.data] + [("val", s) for s in config.eval_data]
+        saved = self._saved_progress()
+        self.resumed = saved is not None
+        if saved is None:
+            self.si, self.rows_done, self.reports, self.report = 0, 0, [], None
+            self.fmt, self.checked, self.first_row = None, 0, 0
+            self.splits, self.seen, self.samples, self.first_dropped = {"train": [], "val": []}, set(), [], []
+            self.rng, self.total_rows, self.total_tokens = random.Random(config.seed), 0, 0
+        else:
+            for name in self.SAVED:
+                setattr(self, name, saved[name])
+        self.writer = StoreWriter(folder, len(tokenizer), saved["writer"] if saved else None)
+        self.workers = _ChunkTokenizer(tokenizer, template, config, _num_proc(config.num_proc))
+        self.chunk: list[Conversation] = []
+        self.last_checkpoint = time.perf_counter()
+
+    def _saved_progress(self) -> dict | None:
+        import pickle
+
+        try:
+            with open(self.folder / PROGRESS, "rb") as handle:
+                return pickle.load(handle)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return None
+
+    def _checkpoint(self) -> None:
+        import os
+        import pickle
+
+        self._flush(drain=True)
+        state = {name: getattr(self, name) for name in self.SAVED}
+        state["writer"] = self.writer.checkpoint()
+        tmp = self.folder / (PROGRESS + ".tmp")
+        with open(tmp, "wb") as handle:
+            pickle.dump(state, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, self.folder / PROGRESS)
+        self.last_checkpoint = time.perf_counter()
+
+    def _drop(self, rows: list[Dropped]) -> None:
+        self.writer.drop(rows)
+        self.first_dropped.extend(rows[: max(0, REPORT_DROPPED - len(self.first_dropped))])
+
+    def _flush(self, drain: bool = False) -> None:
+        if self.chunk:
+            self.report.add_conversations(self.chunk)
+            self.workers.submit(self.chunk, self.total_rows)
+            self.chunk = []
+        for results in self.workers.ready(drain):
+            self.report.add(results)
+            kept = [r for r in results if isinstance(r, Example)]
+            self.writer.add(kept)
+            self._drop([r for r in results if isinstance(r, Dropped)])
+            self.total_tokens += sum(len(e) for e in kept)
+
+    def run(self) -> None:
+        with _progress(self.show) as bar, contextlib.closing(self.workers):
+            task = bar.add_task("", total=None, rate="")
+            started, rows_at_start = time.perf_counter(), self.total_rows
+            while self.si < len(self.sources):
+                split, source = self.sources[self.si]
+                if self.report is None:  # a source starts
+                    self.report = SourceReport(path=str(source.path), split=split)
+                    self.fmt = None if source.format == "auto" else source.format
+                    self.checked, self.rows_done, self.first_row = 0, 0, self.writer.rows
+                self.options = _format_options(self.config, source)
+                bar.update(task, description=Path(str(source.path)).name)
+                for index, row in enumerate(read_rows(source.path, source.split)):
+                    if index < self.rows_done:  # done before a checkpoint this run resumes from
+                        continue
+                    self._row(row)
+                    if len(self.chunk) >= TOKENIZE_BATCH:
+                        self._flush()
+                        now = time.perf_counter()
+                        rate = (self.total_rows - rows_at_start) / (now - started)
+                        bar.update(task, completed=self.total_rows,
+                                   rate=f"{rate:,.0f} rows/s, {self.total_tokens / max(now - started, 1e-9):,.0f} tokens/s")
+                        if self.key is not None and now - self.last_checkpoint > CHECKPOINT_SECONDS:
+                            self._checkpoint()
+                self._flush(drain=True)
+                self._finish_source(split, source)
+
+    def _row(self, row) -> None:
+        config, report = self.config, self.report
+        report.rows_read += 1
+        self.rows_done += 1
+        self.total_rows += 1
+        try:
+            if row.error is not None:
+                raise row.error
+            if self.fmt is None:
+                self.fmt = detect_format(row, self.options)
+            conversation = FORMATS[self.fmt](row, self.options)
+        except DataError as exc:
+            if config.on_error == "raise":
+                hint = "(set `on_error: skip` to drop such rows and count them instead)"
+                raise DataError(f"{exc}\n{hint}", exc.reason) from None
+            report.dropped[exc.reason] += 1
+            self._drop([Dropped(row.source, exc.reason, str(exc))])
+            return
+        # exact duplicates: always counted, dropped on request
+        digest = _conversation_key(conversation)
+        if digest in self.seen:
+            report.duplicates += 1
+            if config.drop_duplicates:
+                report.dropped["duplicate"] += 1
+                self._drop([Dropped(conversation.source, "duplicate", "an identical conversation came earlier")])
+                return
+        self.seen.add(digest)
+        if self.checked < CONSISTENCY_SAMPLE:
+            self.checked += 1
+            if config.train_on != "all" and any(m.role == "assistant" for m in conversation.messages):
+                check_consistency(self.template, self.tokenizer, conversation, config.train_on)
+                self.samples.append(conversation)
+        self.chunk.append(conversation)
+
+    def _finish_source(self, split: str, source: DataSource) -> None:
+        config, report = self.config, self.report
+        report.format = self.fmt or "unknown"
+        rows = list(range(self.first_row, self.writer.rows))  # this source's kept rows, by position in the store
+        if split == "train" and not config.eval_data and config.val_fraction > 0 and rows:
+            # a stable split per source: the same seed and data give the same held-out rows
+            order = list(range(len(rows)))
+            random.Random(config.seed).shuffle(order)
+            held = set(order[: max(1, round(len(rows) * config.val_fraction))])
+            self.splits["val"] += [r for i, r in enumerate(rows) if i in held]
+            rows = [r for i, r in enumerate(rows) if i not in held]
+        if split == "train":
+            rows = _sample(rows, source.weight, source.max_rows, self.rng)
+        report.rows_used = len(rows)
+        self.splits[split] += rows
+        self.reports.append(report)
+        self.report, self.si = None, self.si + 1
+
+    def finish(self) -> None:
+        train, val = self.splits["train"], self.splits["val"]
+        if not train:
+            raise DataError("no training rows are left after preparation; see the data report for the reasons", "empty")
+        total = SourceReport(path="(all)", split="all")
+        for r in self.reports:
+            total.merge(r)
+        total.rows_used = len(train) + len(val)
+        report = {
+            "template": self.template.name,
+            "train_on": self.config.train_on,
+            "max_length": self.config.max_length,
+            "tokenizer": getattr(self.tokenizer, "name_or_path", ""),
+            "sources": [r.as_dict() for r in self.reports],
+            "total": total.as_dict(),
+            "split": {"train_rows": len(train), "val_rows": len(val),
+                      "train_trained_tokens": self.writer.trained_tokens(train)},
+            "dropped_rows": [{"source": d.source, "reason": d.reason, "detail": d.detail} for d in self.first_dropped],
+            "cache": "miss" if self.key else "off",
+            "cache_key": self.key,
+        }
+        meta = {"report": report,
+                "samples": [[c.source, [[m.role, m.content, m.trained] for m in c.messages]] for c in self.samples]}
+        for name in (PROGRESS, PROGRESS + ".tmp"):
+            (self.folder / name).unlink(missing_ok=True)
+        self.writer.finish(train, val, meta)
+
+
+def _write_store(config: RunConfig, tokenizer, template, folder: Path, key: str | None, show: bool) -> bool:
+    """Prepare into `folder` (resuming a killed prepare found there); True when it resumed."""
+    preparation = _Preparation(config, tokenizer, template, folder, key, show)
+    preparation.run()
+    preparation.finish()
+    return preparation.resumed

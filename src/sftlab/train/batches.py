@@ -12,29 +12,36 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from sftlab.config import RunConfig
-from sftlab.data.batching import batch_order, collate
-from sftlab.data.packing import collate_packed, packed_batch_order
+from sftlab.data.batching import BatchPlan, batch_order, collate
+from sftlab.data.packing import collate_packed, pack_rows, packed_batch_order
 
 
 class RunBatches:
-    def __init__(self, examples: list, config: RunConfig, rank: int = 0, world_size: int = 1, pad_id: int = 0):
+    def __init__(self, examples, config: RunConfig, rank: int = 0, world_size: int = 1, pad_id: int = 0):
         self.examples, self.config = examples, config
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
-        self.lengths = [len(e) for e in examples]
+        # a store's lengths array (no example is read to plan the batches), or the examples' own
+        lengths = getattr(examples, "lengths", None)
+        self.lengths = np.asarray(lengths if lengths is not None else [len(e) for e in examples], dtype=np.int64)
+        # packing does not depend on the epoch: computed once; rows are shuffled per epoch
+        self.packed = pack_rows(self.lengths, config.max_length) if config.packing else None
         self._epoch, self._order = None, None
         self.micro_per_epoch = len(self._epoch_order(0))
         self.steps_per_epoch = max(1, self.micro_per_epoch // (config.gradient_accumulation_steps * world_size))
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
 
-    def _epoch_order(self, epoch: int) -> list:
+    def _epoch_order(self, epoch: int) -> BatchPlan:
         # one epoch's order at a time: a resumed run recomputes the same order from (seed, epoch)
         if epoch != self._epoch:
             c = self.config
-            if c.packing:
-                self._order = packed_batch_order(self.lengths, c.max_length, c.batch_size, c.seed, epoch)
+            if self.packed is not None:
+                self._order = packed_batch_order(self.packed, c.batch_size, c.seed, epoch)
             else:
-                self._order = batch_order(self.lengths, c.batch_size, c.seed, epoch, c.group_by_length)
+                self._order = batch_order(self.lengths, c.batch_size, c.seed, epoch, c.group_by_length,
+                                          c.gradient_accumulation_steps * self.world_size)
             self._epoch = epoch
         return self._order
 
@@ -47,10 +54,9 @@ class RunBatches:
     def _units(self, index: int) -> list:
         epoch, position = divmod(index, self.micro_per_epoch)
         units = self._epoch_order(epoch)[position]
-        if self.config.packing:
-            return [[self.examples[i] for i in row] for row in units]
+        if self.packed is not None:
+            return [[self.examples[i] for i in self.packed.row(r)] for r in units]
         return [self.examples[i] for i in units]
-
     def micro_batches(self, step: int) -> list[list]:
         """This rank's micro-batches of `step`: lists of examples (or of packed rows of examples)."""
         return [self._units(i) for i in self.micro_batch_indices(step)]

@@ -103,7 +103,7 @@ RESUME_SAFE_KEYS = {
     "output_dir", "logging_steps", "save_steps", "keep_last_checkpoints", "eval_steps", "save_best",
     "early_stopping_patience", "micro_batch_tokens", "gradient_checkpointing", "compile", "loss_impl",
     "fused_optimizer", "embedding_grad_in_place", "parallelism", "fsdp_cpu_offload", "device", "cache",
-    "on_nan",
+    "on_nan", "num_proc",
 }
 
 

@@ -173,7 +173,8 @@ def wrap(loss_module: LossModule, kind: str, world: World, cpu_offload: bool = F
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [world.device.index] if world.device.type == "cuda" else None
-        return DistributedDataParallel(loss_module, device_ids=device_ids)
+        # gradients live in DDP's communication buckets: no copy in and out, no second buffer
+        return DistributedDataParallel(loss_module, device_ids=device_ids, gradient_as_bucket_view=True)
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     kwargs = {"mesh": world.mesh}

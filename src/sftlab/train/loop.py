@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -109,19 +110,29 @@ def _scheduler(optimizer, config: RunConfig, total_steps: int):
     )
 
 
-def _eval_batches(examples, batch_size: int, pad_id: int, budget: int, world: World) -> list[dict]:
+class EvalBatches:
     """This rank's validation batches: batch_size examples of similar length, cut under the
-    token budget, every world_size-th of them."""
-    ordered = sorted(examples, key=len)
-    batches = []
-    for start in range(0, len(ordered), batch_size):
-        group = ordered[start : start + batch_size]
-        batches += [collate([group[i] for i in part], pad_id) for part in split_by_tokens([len(e) for e in group], budget)]
-    return batches[world.rank :: world.size]
+    token budget, every world_size-th of them; collated when used (nothing held between)."""
+
+    def __init__(self, examples, batch_size: int, pad_id: int, budget: int, world: World):
+        lengths = getattr(examples, "lengths", None)
+        lengths = np.asarray(lengths if lengths is not None else [len(e) for e in examples], dtype=np.int64)
+        ordered = np.argsort(lengths, kind="stable")
+        groups = []
+        for start in range(0, len(ordered), batch_size):
+            group = ordered[start : start + batch_size]
+            groups += [group[part].tolist() for part in split_by_tokens(lengths[group].tolist(), budget)]
+        self.examples, self.pad_id, self.groups = examples, pad_id, groups[world.rank :: world.size]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> dict:
+        return collate([self.examples[i] for i in self.groups[index]], self.pad_id)
 
 
 @torch.no_grad()
-def evaluate(module, batches: list[dict], world: World, parallelism: str | None, pad_id: int) -> float:
+def evaluate(module, batches, world: World, parallelism: str | None, pad_id: int) -> float:
     """Mean token loss over the validation batches of all ranks (as in training: token-weighted)."""
     inner = module.module if parallelism == "ddp" else module  # DDP's forward syncs buffers; not needed here
     was_training = module.training
@@ -264,7 +275,7 @@ def _train(config: RunConfig, world: World, resume: bool, console: Console, forc
     if resume_from:
         start_step, progress = load_checkpoint(resume_from, module, optimizer, scheduler, config, world)
         console.print(f"resumed from {resume_from} at step {start_step}")
-    val_batches = _eval_batches(data.val, config.batch_size, tokenizer.pad_token_id, plan.tokens, world) if data.val else []
+    val_batches = EvalBatches(data.val, config.batch_size, tokenizer.pad_token_id, plan.tokens, world) if len(data.val) else []
 
     def validate(phase: str = "validation") -> float | None:
         if not data.val:

@@ -328,7 +328,9 @@ def plan_memory(model, device: torch.device, max_length: int, method: str,
         if checkpointing:
             enable_checkpointing(model, method)
         return MemoryPlan(int(budget_setting), checkpointing, "; ".join(["micro_batch_tokens set in the config", *reasons]), state)
-    allowance, why = _activation_allowance(model, device, state)
+    # on CPU the allowance follows the whole model's training state even when FSDP2 shards it:
+    # smaller pieces would only mean more all-gathers per step, for memory the shards freed
+    allowance, why = _activation_allowance(model, device, state if device.type == "cuda" else state * shards)
     plain = activation_bytes_per_token(model, max_length, device)
     if not checkpointing and checkpointing_setting == "auto" and plain * ACTIVATION_MARGIN * max_length > allowance:
         checkpointing = True
