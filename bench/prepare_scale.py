@@ -142,6 +142,10 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "SFTLAB_HOME": str(Path(tmp) / "home"), "TRANSFORMERS_VERBOSITY": "error"}
+        from sftlab.models.registry import REGISTRY
+
+        if args.model in REGISTRY:  # a private cache: the model is converted there first (not timed)
+            whole_process([sys.executable, "-m", "sftlab", "models", "pull", args.model], env)
         for n in (int(x) for x in args.rows.split(",")):
             results.append(measure(n, Path(tmp), args, env))
     lines = [f"Machine: {machine}; `python bench/prepare_scale.py --rows {args.rows}` ({args.model} tokenizer, "
