@@ -156,11 +156,12 @@ def run_sftlab_first_loss(spec: dict) -> dict:
     return {"first_batch_loss": float(summed) / count}
 
 
-def run_trl(spec: dict) -> dict:
+def trl_inputs(spec: dict):
+    """(tokenizer, prompt/completion dataset, fp32 model) for a TRL worker: the bench rows as
+    prompt/completion pairs rendered with the same template sftlab trains with."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sftlab.models.registry import resolve_model
 
@@ -170,7 +171,15 @@ def run_trl(spec: dict) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     pairs = rendered_pairs(bench_rows(Path(spec["data"]), spec["rows"]), tokenizer)
     dataset = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return tokenizer, dataset, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def run_trl(spec: dict) -> dict:
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer, dataset, model = trl_inputs(spec)
     peft_config = None
     if spec["method"] == "lora":
         from peft import LoraConfig
@@ -213,19 +222,9 @@ def run_trl_as_a_user(spec: dict) -> dict:
     """TRL the way its README shows it: SFTTrainer with the user's batch and epochs, its defaults
     otherwise (activation checkpointing on, no packing), then save_model — one whole process."""
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from sftlab.models.registry import resolve_model
-
-    path = resolve_model(spec["model"])
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    pairs = rendered_pairs(bench_rows(Path(spec["data"]), spec["rows"]), tokenizer)
-    dataset = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer, dataset, model = trl_inputs(spec)
     args = SFTConfig(
         output_dir=str(Path(spec["workdir"]) / "trl"), per_device_train_batch_size=spec["batch"],
         gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=spec["lr"], max_length=spec["max_length"],

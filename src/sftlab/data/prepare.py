@@ -51,6 +51,22 @@ class Loaded(NamedTuple):
     format: str  # as given, or as detected from the first readable row
 
 
+def _convert_row(row, fmt: str | None, options: FormatOptions, on_error: str) -> tuple[str | None, Conversation | Dropped]:
+    """(the format, as given or detected, and the row's conversation or Dropped); with
+    on_error "raise" a malformed row raises DataError with its location."""
+    try:
+        if row.error is not None:
+            raise row.error
+        if fmt is None:
+            fmt = detect_format(row, options)
+        return fmt, FORMATS[fmt](row, options)
+    except DataError as exc:
+        if on_error == "raise":
+            hint = "(set `on_error: skip` to drop such rows and count them instead)"
+            raise DataError(f"{exc}\n{hint}", exc.reason) from None
+        return fmt, Dropped(row.source, exc.reason, str(exc))
+
+
 def load_conversations(source: DataSource, on_error: str = "raise", options: FormatOptions | None = None) -> Loaded:
     """The conversations of one data source (streamed row by row), its dropped rows and counts."""
     options = options or FormatOptions(fields=dict(source.fields))
@@ -58,26 +74,9 @@ def load_conversations(source: DataSource, on_error: str = "raise", options: For
     conversations, dropped, rows_read = [], [], 0
     for row in read_rows(source.path, source.split):
         rows_read += 1
-        try:
-            if row.error is not None:
-                raise row.error
-            if fmt is None:
-                fmt = detect_format(row, options)
-            conversations.append(FORMATS[fmt](row, options))
-        except DataError as exc:
-            if on_error == "raise":
-                hint = "(set `on_error: skip` to drop such rows and count them instead)"
-                raise DataError(f"{exc}\n{hint}", exc.reason) from None
-            dropped.append(Dropped(row.source, exc.reason, str(exc)))
+        fmt, item = _convert_row(row, fmt, options, on_error)
+        (dropped if isinstance(item, Dropped) else conversations).append(item)
     return Loaded(conversations, dropped, rows_read, fmt or "unknown")
-
-
-def _percentiles(values) -> dict:
-    if len(values) == 0:
-        return {}
-    ordered = np.sort(np.asarray(values))
-    pick = lambda q: int(ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))])
-    return {"min": int(ordered[0]), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": int(ordered[-1])}
 
 
 class Histogram:
@@ -104,7 +103,7 @@ class Histogram:
         self.counts[: len(other_counts)] += other_counts
 
     def percentiles(self) -> dict:
-        """As _percentiles over the values themselves: the value at rank round(q * (n - 1))."""
+        """Of the sorted values: min, max and the value at rank round(q * (n - 1)) for q = .5, .9, .99."""
         n = int(self.counts.sum())
         if n == 0:
             return {}
@@ -526,18 +525,10 @@ class _Preparation:
         report.rows_read += 1
         self.rows_done += 1
         self.total_rows += 1
-        try:
-            if row.error is not None:
-                raise row.error
-            if self.fmt is None:
-                self.fmt = detect_format(row, self.options)
-            conversation = FORMATS[self.fmt](row, self.options)
-        except DataError as exc:
-            if config.on_error == "raise":
-                hint = "(set `on_error: skip` to drop such rows and count them instead)"
-                raise DataError(f"{exc}\n{hint}", exc.reason) from None
-            report.dropped[exc.reason] += 1
-            self._drop([Dropped(row.source, exc.reason, str(exc))])
+        self.fmt, conversation = _convert_row(row, self.fmt, self.options, config.on_error)
+        if isinstance(conversation, Dropped):
+            report.dropped[conversation.reason] += 1
+            self._drop([conversation])
             return
         # exact duplicates: always counted, dropped on request
         digest = _conversation_key(conversation)

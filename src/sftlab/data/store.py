@@ -167,8 +167,8 @@ class TokenStore:
 
 
 class StoreView(Sequence):
-    """The examples of one split: a sequence of Example built on access, and numpy arrays of
-    their lengths and trained-token counts for planning batches without touching the tokens."""
+    """The examples of one split: a sequence of Example built on access, and a numpy array of
+    their lengths for planning batches without touching the tokens."""
 
     def __init__(self, store: TokenStore, rows: np.ndarray):
         self.store, self.rows = store, rows
@@ -186,7 +186,3 @@ class StoreView(Sequence):
     def __iter__(self) -> Iterator[Example]:
         for r in self.rows:
             yield self.store.example(int(r))
-
-    @property
-    def trained_tokens(self) -> int:
-        return int(self.store.trained_counts[self.rows].sum()) if len(self.rows) else 0
