@@ -6,7 +6,8 @@ a response; words drawn from a real chat text, every row different), then for ea
 
 - `sftlab prepare` as a whole process (wall time, peak RSS from the kernel's rusage);
 - the bare batched fast tokenizer (with offsets) over the same rendered texts, in one process
-  with the same threads, for the throughput ratio (only for sizes up to --bare-up-to rows);
+  with the same threads, for the throughput ratio (only for sizes up to --bare-up-to rows; a
+  bigger size is compared with the bare rate measured at the biggest smaller size of the run);
 - a second `sftlab prepare` of the same inputs (a cache hit);
 - training start-up: the store opened, the batch plan made and the first batch collated.
 
@@ -124,6 +125,11 @@ def measure(n: int, work: Path, args, env: dict) -> dict:
         print(f"  bare tokenizer: {result['bare_tokenizer_tokens_per_s']:,} tokens/s -> prepare at "
               f"{result['throughput_vs_bare']:.2f}x (prepare's wall time includes start-up, reading and writing)",
               flush=True)
+    elif args.bare_rate:  # the same kind of rows: the bare rate measured at a smaller size in this run
+        result["throughput_vs_bare"] = round(result["tokens_per_s"] / args.bare_rate, 3)
+        result["bare_rate_from_rows"] = args.bare_rate_rows
+    if "bare_tokenizer_tokens_per_s" in result:
+        args.bare_rate, args.bare_rate_rows = result["bare_tokenizer_tokens_per_s"], n
     data.unlink()
     return result
 
@@ -138,6 +144,7 @@ def main() -> None:
     parser.add_argument("--bare-up-to", type=int, default=100_000, help="compare with the bare tokenizer up to this size")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    args.bare_rate = args.bare_rate_rows = None
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     results = []
     with tempfile.TemporaryDirectory() as tmp:

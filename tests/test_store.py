@@ -206,9 +206,9 @@ if mode.startswith("kill-after-chunks="):  # checkpoint after every chunk, SIGKI
         if self.chunk == [] and not drain and self.total_rows >= chunks * prepare.TOKENIZE_BATCH:
             os.kill(os.getpid(), signal.SIGKILL)
     prepare._Preparation._flush = _flush
-if mode.startswith("num_proc="):  # worker processes from the first row
+if mode.startswith("num_proc="):  # worker processes from the first row; more overrides after ';'
     prepare.POOL_AFTER_ROWS = 0
-    overrides.append(mode)
+    overrides += mode.split(";")
 data = prepare.prepare_data(load_config(overrides=overrides), load_tokenizer(tokenizer_dir), progress=False)
 print(data.store.folder, data.report.get("resumed"))
 """
@@ -268,3 +268,86 @@ def test_num_proc_1_and_2_give_identical_stores(tiny_model_dir, tmp_path):
     two = _prepare(tmp_path / "two", data, tiny_model_dir, "num_proc=2")
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     _same_store(Path(one.stdout.split()[0]), Path(two.stdout.split()[0]))
+
+
+def test_num_proc_2_gives_the_same_store_with_the_tokenizers_own_template(tiny_model_dir, tmp_path):
+    """Workers get only the Rust tokenizer for the built-in templates, the whole tokenizer for
+    a Jinja template: both give the store of one process."""
+    data = _messy_sources(tmp_path)
+    one = _prepare(tmp_path / "one", data, tiny_model_dir, "num_proc=1;template=tokenizer")
+    two = _prepare(tmp_path / "two", data, tiny_model_dir, "num_proc=2;template=tokenizer")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    _same_store(Path(one.stdout.split()[0]), Path(two.stdout.split()[0]))
+
+
+HIT_SCRIPT = r"""
+import json, sys
+from sftlab.config import load_config
+from sftlab.data.prepare import prepare_data
+data = prepare_data(load_config(overrides=[f"data={sys.argv[1]}", f"model={sys.argv[2]}"]), progress=False)
+print(json.dumps({"cache": data.report["cache"], "rows": len(data.train), "key": data.report["cache_key"],
+                  "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}))
+"""
+
+
+def test_a_second_prepare_is_a_cache_hit_that_loads_no_tokenizer_and_an_edit_is_a_miss(tiny_model_dir, tmp_path):
+    import os
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [
+        {"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i + 1)))} for i in range(40)])
+    env = {**os.environ, "SFTLAB_HOME": str(tmp_path / "home")}
+    run = lambda: json.loads(subprocess.run([sys.executable, "-c", HIT_SCRIPT, str(path), str(tiny_model_dir)],
+                                            capture_output=True, text=True, check=True, env=env).stdout)
+    first, second = run(), run()
+    assert first["cache"] == "miss" and first["torch"]  # the tokenizer was loaded to write the store
+    assert second == {**first, "cache": "hit", "torch": False, "transformers": False}
+    with path.open("a") as handle:  # the file changes: its signature and digest change, the store is rebuilt
+        handle.write(json.dumps({"instruction": "One more.", "input": "", "output": "Done."}) + "\n")
+    third = run()
+    assert third["cache"] == "miss" and third["rows"] == 41 and third["key"] != first["key"]
+
+
+def test_file_info_counts_rows_and_is_read_once_per_file_version(tmp_path, monkeypatch):
+    from sftlab.data import prepare
+
+    files = {"a.jsonl": "{}\n{}\n{}", "b.jsonl": "{}\n{}\n", "c.csv": "x,y\n1,2\n3,4\n", "d.json": "[{}, {}]"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    rows = {name: prepare._file_info(str(tmp_path / name))["rows"] for name in files}
+    assert rows == {"a.jsonl": 3, "b.jsonl": 2, "c.csv": 2, "d.json": None}
+    digest = prepare._file_info(str(tmp_path / "a.jsonl"))["digest"]
+    monkeypatch.setattr(prepare, "_read_file_info", lambda path: pytest.fail(f"{path} read again"))
+    assert prepare._file_info(str(tmp_path / "a.jsonl"))["digest"] == digest  # remembered
+    monkeypatch.undo()
+    (tmp_path / "a.jsonl").write_text("{}\n{}\n{}\n{}\n")
+    again = prepare._file_info(str(tmp_path / "a.jsonl"))
+    assert again["rows"] == 4 and again["digest"] != digest
+
+
+def test_digest_set_answers_like_a_python_set_across_merges(monkeypatch):
+    from sftlab.data.prepare import DigestSet
+
+    monkeypatch.setattr(DigestSet, "MERGE_EVERY", 50)
+    rng = np.random.default_rng(0)
+    digests = [int(d) for d in rng.integers(0, 2**64, size=400, dtype=np.uint64)]
+    stream = digests + [digests[i] for i in rng.integers(0, 400, size=300)] + [0, 2**64 - 1, 0]
+    ours, plain = DigestSet(), set()
+    for d in stream:
+        assert (d in ours) == (d in plain), d
+        ours.add(d)
+        plain.add(d)
+    assert len(ours) == len(plain) and len(ours.sorted) >= 350  # most of them were merged into the array
+
+
+def test_sampling_caps_and_weights_rows_without_repeats_inside_a_sample():
+    from sftlab.data.prepare import _sample
+
+    rows = np.arange(100, 200, dtype=np.int64)
+    capped = _sample(rows, 1.0, 30, np.random.default_rng(1))
+    assert len(capped) == 30 and len(set(capped)) == 30 and set(capped) <= set(rows) and list(capped) == sorted(capped)
+    weighted = _sample(rows, 2.5, None, np.random.default_rng(1))
+    counts = np.bincount(weighted - 100, minlength=100)
+    assert len(weighted) == 250 and set(counts) == {2, 3} and (counts == 3).sum() == 50
+    half = _sample(rows, 0.5, None, np.random.default_rng(1))
+    assert len(half) == 50 and len(set(half)) == 50
+    assert list(_sample(rows, 0.5, None, np.random.default_rng(1))) == list(half)  # fixed by the seed

@@ -40,7 +40,7 @@ def _user_errors():
     from sftlab.data.readers import DataError
     from sftlab.data.templates import TemplateError
     from sftlab.models.registry import ModelNotFoundError
-    from sftlab.train.loop import NonFiniteLossError
+    from sftlab.errors import NonFiniteLossError
 
     return (ConfigError, DataError, TemplateError, ModelNotFoundError, NonFiniteLossError)
 
@@ -302,10 +302,9 @@ for _module in STAGE_COMMANDS:
 
 
 def main() -> None:
-    # transformers draws a tqdm bar for every weight load; sftlab shows its own progress
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    # transformers draws a tqdm bar for every weight load; sftlab shows its own progress (read by
+    # transformers when it is imported: commands that never load a model never import it)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 

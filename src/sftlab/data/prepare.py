@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import random
 import shutil
 import tempfile
 import time
@@ -25,15 +24,18 @@ from typing import NamedTuple
 import numpy as np
 
 from sftlab.config import DataSource, RunConfig
+from sftlab.data import memo
 from sftlab.data.formats import FORMATS, Conversation, FormatOptions, Message, detect_format
 from sftlab.data.readers import DataError, read_rows
 from sftlab.data.store import StoreView, StoreWriter, TokenStore
-from sftlab.data.templates import TemplateError, check_consistency, get_template, template_fingerprint
+from sftlab.data.templates import (
+    JinjaTemplate, TemplateError, check_consistency, get_template, template_fingerprint,
+)
 from sftlab.data.tokenize import Dropped, Example, tokenize_rendered
 
 TOKENIZE_BATCH = 256  # the fast tokenizer is much quicker on batches than on single texts
 CONSISTENCY_SAMPLE = 8  # rows per source whose inference prompts are checked token by token
-CACHE_FORMAT = 5  # bump when the cached layout or the preparation logic changes (5: the token store)
+CACHE_FORMAT = 6  # bump when the cached layout or the preparation logic changes (5: the token store; 6: numpy splits)
 REPORT_DROPPED = 1000  # dropped rows listed in the report (all of them are in the store's dropped.jsonl)
 
 
@@ -210,33 +212,82 @@ class PreparedData:
         return path
 
 
-def _sample(items: list, weight: float, max_rows: int | None, rng: random.Random) -> list:
-    """Apply a row cap, then a weight (<1 subsamples, >1 repeats whole copies plus a sample)."""
-    items = list(items)
-    if max_rows is not None and len(items) > max_rows:
-        items = rng.sample(items, max_rows)
+def _sample(rows: np.ndarray, weight: float, max_rows: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Apply a row cap, then a weight (<1 subsamples, >1 repeats whole copies plus a sample);
+    rows are store row numbers, drawn without replacement and kept in store order."""
+    pick = lambda n: rows[np.sort(rng.choice(len(rows), n, replace=False))]
+    if max_rows is not None and len(rows) > max_rows:
+        rows = pick(max_rows)
     if weight == 1.0:
-        return items
+        return rows
     whole, fraction = int(weight), weight - int(weight)
-    return items * whole + rng.sample(items, round(len(items) * fraction))
+    return np.concatenate([np.tile(rows, whole), pick(round(len(rows) * fraction))])
 
 
 def _conversation_key(c: Conversation) -> int:
     """8 bytes a conversation for exact-duplicate detection (not the conversation itself)."""
-    digest = hashlib.blake2b(json.dumps([(m.role, m.content) for m in c.messages]).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    text = "\x1e".join(f"{m.role}\x1f{m.content}" for m in c.messages)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+class DigestSet:
+    """A set of 64-bit row digests in 8 bytes a row: a sorted numpy array, plus a small Python
+    set of the newest digests merged into it every MERGE_EVERY additions."""
+
+    MERGE_EVERY = 1 << 16
+
+    def __init__(self):
+        self.sorted = np.zeros(0, dtype=np.uint64)
+        self.recent: set[int] = set()
+
+    def __contains__(self, digest: int) -> bool:
+        if digest in self.recent:
+            return True
+        at = int(np.searchsorted(self.sorted, np.uint64(digest)))
+        return at < len(self.sorted) and int(self.sorted[at]) == digest
+
+    def add(self, digest: int) -> None:
+        if digest in self:
+            return
+        self.recent.add(digest)
+        if len(self.recent) >= self.MERGE_EVERY:
+            merged = np.concatenate([self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent))])
+            merged.sort()
+            self.sorted, self.recent = merged, set()
+
+    def __len__(self) -> int:
+        return len(self.sorted) + len(self.recent)
 
 
 # -- cache -------------------------------------------------------------------------------------
 
-def _file_digest(path: str) -> str:
+def _file_info(path: str) -> dict:
+    """{"digest": sha256 of the file's bytes, "rows": its row count when cheap to know (else None)}.
+
+    Memoized by the file's stat signature (sftlab.data.memo): a second prepare of a 2 GB file
+    does not read it again. The row count (lines of an uncompressed .jsonl/.csv, counted in the
+    same pass; a parquet file's metadata) gives the progress bar its ETA."""
     if path.startswith("hf:") or Path(path).is_dir():
-        return f"dataset:{path}"  # remote/streamed datasets are keyed by name
-    digest = hashlib.sha256()
+        return {"digest": f"dataset:{path}", "rows": None}  # remote/streamed datasets are keyed by name
+    return memo.memoized("file", memo.file_signature(path), lambda: _read_file_info(Path(path)))
+
+
+def _read_file_info(path: Path) -> dict:
+    digest, lines, last = hashlib.sha256(), 0, b"\n"
+    suffix = path.suffix.lower()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
-    return digest.hexdigest()
+            lines += block.count(b"\n")
+            last = block[-1:]
+    rows = None
+    if suffix in (".jsonl", ".csv"):
+        rows = lines + (last != b"\n") - (suffix == ".csv")  # a CSV's header is not a row
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(path).metadata.num_rows
+    return {"digest": digest.hexdigest(), "rows": rows}
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -249,8 +300,8 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 def cache_key(config: RunConfig, tokenizer, template) -> str:
     parts = {
         "format": CACHE_FORMAT,
-        "sources": [[s.model_dump(), _file_digest(s.path)] for s in config.data],
-        "eval": [[s.model_dump(), _file_digest(s.path)] for s in config.eval_data],
+        "sources": [[s.model_dump(), _file_info(s.path)["digest"]] for s in config.data],
+        "eval": [[s.model_dump(), _file_info(s.path)["digest"]] for s in config.eval_data],
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "template": template_fingerprint(template),
         "options": config.model_dump(include={
@@ -294,15 +345,48 @@ def _publish(tmp: Path, folder: Path) -> None:
 # -- the stage ---------------------------------------------------------------------------------
 
 def _progress(enabled: bool):
-    from rich.progress import Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("[bold]prepare[/] {task.description}"), TextColumn("{task.completed:,.0f} rows"),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=True, disable=not enabled,
+        TextColumn("[bold]prepare[/] {task.description}"), BarColumn(bar_width=24),
+        TextColumn("{task.completed:,.0f} rows"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+        TextColumn("ETA"), TimeRemainingColumn(), transient=True, disable=not enabled,
     )
 
 
-def prepare_data(config: RunConfig, tokenizer, use_cache: bool | None = None, cache_root: Path | None = None,
+def _known_rows(sources: list[DataSource]) -> int | None:
+    """The rows of all sources when every file says (lines of .jsonl/.csv, parquet metadata)."""
+    counts = [_file_info(str(s.path))["rows"] for s in sources]
+    return None if any(c is None for c in counts) else sum(counts)
+
+
+def _quick_signature(config: RunConfig) -> list | None:
+    """Everything the cache key depends on, as stat signatures, without loading the tokenizer:
+    the data files, the model folder (its tokenizer files), a custom template file, the library
+    versions and the sftlab code that renders and keys the data. None when something is not a
+    local file (a hub id or dataset): then the key is computed in full."""
+    from importlib.metadata import version
+
+    from sftlab.models.registry import resolve_model
+
+    model = Path(resolve_model(config.model))
+    sources = [*config.data, *config.eval_data]
+    if not model.is_dir() or any(str(s.path).startswith("hf:") or Path(s.path).is_dir() for s in sources):
+        return None
+    code = [Path(__file__), Path(__file__).with_name("templates.py"), Path(__file__).parents[1] / "models" / "loading.py"]
+    template = config.template
+    return [
+        CACHE_FORMAT, [version("transformers"), version("tokenizers")], [memo.file_signature(c) for c in code],
+        memo.file_signature(model), template, memo.file_signature(template) if Path(template).is_file() else None,
+        [[s.model_dump(), memo.file_signature(s.path)] for s in config.data],
+        [[s.model_dump(), memo.file_signature(s.path)] for s in config.eval_data],
+        config.model_dump(include={"max_length", "train_on", "on_error", "drop_leading_assistant",
+                                   "merge_consecutive_roles", "drop_trailing_user", "drop_duplicates", "val_fraction",
+                                   "seed"}),
+    ]
+
+
+def prepare_data(config: RunConfig, tokenizer=None, use_cache: bool | None = None, cache_root: Path | None = None,
                  progress: bool = True) -> PreparedData:
     """Prepare the run's training and validation examples and the data report.
 
@@ -311,10 +395,26 @@ def prepare_data(config: RunConfig, tokenizer, use_cache: bool | None = None, ca
     report's `cache` field says whether the store came from the cache ("hit") or was computed
     ("miss"); `cache_key` identifies the entry. `cache_root` replaces the shared cache folder (a
     distributed run with `cache: false` hands its data to the other ranks there).
+
+    With `tokenizer=None` the model's tokenizer is loaded only when the store must be written:
+    a cache hit is then found from the files' stat signatures alone (seconds, no torch import).
     """
-    template = get_template(config.template, tokenizer)
     use_cache = config.cache if use_cache is None else use_cache
+    quick = _quick_signature(config) if use_cache and tokenizer is None else None
+    if quick is not None:
+        remembered = memo.recall("cache-key", quick)
+        cached = _load_cache(_cache_dir(remembered, cache_root)) if remembered else None
+        if cached is not None:
+            cached.report["cache"] = "hit"
+            return cached
+    if tokenizer is None:
+        from sftlab.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model)
+    template = get_template(config.template, tokenizer)
     key = cache_key(config, tokenizer, template) if use_cache else None
+    if quick is not None:
+        memo.remember("cache-key", quick, key)
     folder = _cache_dir(key, cache_root) if key else None
     if folder is None:  # no cache: a temporary store, removed with the data
         tmp = Path(tempfile.mkdtemp(prefix="sftlab-store-"))
@@ -367,16 +467,34 @@ POOL_AFTER_ROWS = 20_000  # worker processes start once the data proves this big
 _worker_state: dict = {}
 
 
-def _init_worker(tokenizer, template_name: str, train_on: str, max_length: int) -> None:
+class _BackendOnly:
+    """What `tokenize_rendered` needs of a fast tokenizer: its Rust backend. A worker process
+    given only this (the template renders without the tokenizer) never imports transformers
+    or torch, and starts in a fraction of a second."""
+
+    def __init__(self, backend):
+        self.backend_tokenizer = backend
+
+
+def _init_worker(tokenizer, template, train_on: str, max_length: int) -> None:
     import os
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _worker_state.update(tokenizer=tokenizer, template=get_template(template_name, tokenizer), train_on=train_on,
-                         max_length=max_length)
+    _worker_state.update(tokenizer=tokenizer, template=template, train_on=train_on, max_length=max_length)
 
 
-def _render_and_tokenize(chunk: list[Conversation], state: dict | None = None) -> list[Example | Dropped]:
-    state = state or _worker_state
+def _pack(chunk: list[Conversation]) -> list[tuple]:
+    """Conversations as plain tuples: pickled to a worker about twice as fast as the dataclasses."""
+    return [(c.source, tuple((m.role, m.content, m.trained) for m in c.messages)) for c in chunk]
+
+
+def _unpack(packed: list[tuple]) -> list[Conversation]:
+    return [Conversation(tuple(Message(*m) for m in messages), source) for source, messages in packed]
+
+
+def _render_and_tokenize(chunk: list, state: dict | None = None) -> list[Example | Dropped]:
+    if state is None:  # in a worker: the chunk came packed
+        state, chunk = _worker_state, _unpack(chunk)
     rendered = [state["template"].render(c, state["train_on"]) for c in chunk]
     return tokenize_rendered(state["tokenizer"], rendered, [c.source for c in chunk], state["max_length"])
 
@@ -389,7 +507,9 @@ class _ChunkTokenizer:
     def __init__(self, tokenizer, template, config: RunConfig, num_proc: int):
         self.state = {"tokenizer": tokenizer, "template": template, "train_on": config.train_on,
                       "max_length": config.max_length}
-        self.init_args = (tokenizer, config.template, config.train_on, config.max_length)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        light = backend is not None and not isinstance(template, JinjaTemplate)  # Jinja renders with the tokenizer
+        self.init_args = (_BackendOnly(backend) if light else tokenizer, template, config.train_on, config.max_length)
         self.num_proc, self.pool, self.pending = num_proc, None, []
 
     def submit(self, chunk: list[Conversation], rows_so_far: int) -> None:
@@ -400,7 +520,7 @@ class _ChunkTokenizer:
         if self.pool is None:
             self.pending.append(_render_and_tokenize(chunk, self.state))
         else:
-            self.pending.append(self.pool.apply_async(_render_and_tokenize, (chunk,)))
+            self.pending.append(self.pool.apply_async(_render_and_tokenize, (_pack(chunk),)))
 
     def ready(self, drain: bool = False):
         """Results in submission order: all of them (drain), or while too many are in flight."""
@@ -445,8 +565,8 @@ class _Preparation:
         if saved is None:
             self.si, self.rows_done, self.reports, self.report = 0, 0, [], None
             self.fmt, self.checked, self.first_row = None, 0, 0
-            self.splits, self.seen, self.samples, self.first_dropped = {"train": [], "val": []}, set(), [], []
-            self.rng, self.total_rows, self.total_tokens = random.Random(config.seed), 0, 0
+            self.splits, self.seen, self.samples, self.first_dropped = {"train": [], "val": []}, DigestSet(), [], []
+            self.rng, self.total_rows, self.total_tokens = np.random.default_rng(config.seed), 0, 0
         else:
             for name in self.SAVED:
                 setattr(self, name, saved[name])
@@ -495,8 +615,9 @@ class _Preparation:
 
     def run(self) -> None:
         with _progress(self.show) as bar, contextlib.closing(self.workers):
-            task = bar.add_task("", total=None, rate="")
-            started, rows_at_start = time.perf_counter(), self.total_rows
+            total = _known_rows([s for _, s in self.sources]) if self.show else None
+            task = bar.add_task("", total=total, rate="")  # with no total: no ETA
+            started, rows_at_start, tokens_at_start = time.perf_counter(), self.total_rows, self.total_tokens
             while self.si < len(self.sources):
                 split, source = self.sources[self.si]
                 if self.report is None:  # a source starts
@@ -512,9 +633,10 @@ class _Preparation:
                     if len(self.chunk) >= TOKENIZE_BATCH:
                         self._flush()
                         now = time.perf_counter()
-                        rate = (self.total_rows - rows_at_start) / (now - started)
+                        seconds = max(now - started, 1e-9)
                         bar.update(task, completed=self.total_rows,
-                                   rate=f"{rate:,.0f} rows/s, {self.total_tokens / max(now - started, 1e-9):,.0f} tokens/s")
+                                   rate=f"{(self.total_rows - rows_at_start) / seconds:,.0f} rows/s, "
+                                        f"{(self.total_tokens - tokens_at_start) / seconds:,.0f} tokens/s")
                         if self.key is not None and now - self.last_checkpoint > CHECKPOINT_SECONDS:
                             self._checkpoint()
                 self._flush(drain=True)
@@ -538,7 +660,8 @@ class _Preparation:
                 report.dropped["duplicate"] += 1
                 self._drop([Dropped(conversation.source, "duplicate", "an identical conversation came earlier")])
                 return
-        self.seen.add(digest)
+        else:
+            self.seen.add(digest)
         if self.checked < CONSISTENCY_SAMPLE:
             self.checked += 1
             if config.train_on != "all" and any(m.role == "assistant" for m in conversation.messages):
@@ -549,24 +672,23 @@ class _Preparation:
     def _finish_source(self, split: str, source: DataSource) -> None:
         config, report = self.config, self.report
         report.format = self.fmt or "unknown"
-        rows = list(range(self.first_row, self.writer.rows))  # this source's kept rows, by position in the store
-        if split == "train" and not config.eval_data and config.val_fraction > 0 and rows:
+        rows = np.arange(self.first_row, self.writer.rows, dtype=np.int64)  # this source's kept rows in the store
+        if split == "train" and not config.eval_data and config.val_fraction > 0 and len(rows):
             # a stable split per source: the same seed and data give the same held-out rows
-            order = list(range(len(rows)))
-            random.Random(config.seed).shuffle(order)
-            held = set(order[: max(1, round(len(rows) * config.val_fraction))])
-            self.splits["val"] += [r for i, r in enumerate(rows) if i in held]
-            rows = [r for i, r in enumerate(rows) if i not in held]
+            held = np.zeros(len(rows), dtype=bool)
+            held[np.random.default_rng(config.seed).permutation(len(rows))[: max(1, round(len(rows) * config.val_fraction))]] = True
+            self.splits["val"].append(rows[held])
+            rows = rows[~held]
         if split == "train":
             rows = _sample(rows, source.weight, source.max_rows, self.rng)
         report.rows_used = len(rows)
-        self.splits[split] += rows
+        self.splits[split].append(rows)
         self.reports.append(report)
         self.report, self.si = None, self.si + 1
 
     def finish(self) -> None:
-        train, val = self.splits["train"], self.splits["val"]
-        if not train:
+        train, val = (np.concatenate([np.zeros(0, np.int64), *self.splits[name]]) for name in ("train", "val"))
+        if not len(train):
             raise DataError("no training rows are left after preparation; see the data report for the reasons", "empty")
         total = SourceReport(path="(all)", split="all")
         for r in self.reports:

@@ -1,8 +1,21 @@
 """Offline model registry, GGUF conversion and loading."""
 
-from sftlab.models.convert import pull
-from sftlab.models.loading import load_causal_lm, load_for_inference, load_tokenizer, pick_device
 from sftlab.models.registry import REGISTRY, ModelNotFoundError, cached_model_dir, resolve_model, sftlab_home
+
+_LAZY = {  # these import torch: loaded on first use
+    "pull": "sftlab.models.convert", "load_causal_lm": "sftlab.models.loading",
+    "load_for_inference": "sftlab.models.loading", "load_tokenizer": "sftlab.models.loading",
+    "pick_device": "sftlab.models.loading",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sftlab.models' has no attribute '{name}'")
+
 
 __all__ = [
     "REGISTRY", "ModelNotFoundError", "cached_model_dir", "load_causal_lm", "load_for_inference",

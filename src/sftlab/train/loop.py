@@ -24,6 +24,7 @@ from rich.console import Console
 from sftlab.config import RunConfig, save_config
 from sftlab.data.batching import collate, split_by_tokens
 from sftlab.data.prepare import PreparedData, prepare_data
+from sftlab.errors import NonFiniteLossError
 from sftlab.models.loading import load_causal_lm, load_tokenizer
 from sftlab.train.batches import RunBatches
 from sftlab.train.checkpoint import (
@@ -65,10 +66,6 @@ class TrainResult:
     tokens_per_second: float
     interrupted: str | None = None  # the signal that stopped the run at a checkpoint
     skipped_steps: int = 0  # steps skipped for a NaN/Inf loss (on_nan: skip)
-
-
-class NonFiniteLossError(RuntimeError):
-    """A step's loss or gradient norm is NaN/Inf; the message names the step and its rows."""
 
 
 def _apply_lora(model, config: RunConfig):
