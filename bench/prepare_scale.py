@@ -163,6 +163,11 @@ def main() -> None:
         lines.append(f"| {r['rows']:,} | {r['tokens']:,} | {r['prepare_wall_s']} s | {r['rows_per_s']:,} | "
                      f"{r['tokens_per_s']:,} | {r.get('throughput_vs_bare', '-')} | {r['prepare_peak_rss_mb']:,} MB | "
                      f"{r['cache_hit_wall_s']} s | {r['startup']['total_s']:.1f} s |")
+    borrowed = [r for r in results if r.get("bare_rate_from_rows")]
+    if borrowed:
+        sizes = ", ".join(f"{r['rows']:,}" for r in borrowed)
+        lines += ["", f"vs bare tokenizer for {sizes} rows: against the bare rate measured at "
+                      f"{borrowed[0]['bare_rate_from_rows']:,} rows in this run (the same kind of rows)."]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
