@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 SFTLAB := $(VENV)/bin/sftlab
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install demo test bench bench-scaling bench-prepare clean
+.PHONY: install demo test test-fast bench bench-scaling bench-prepare clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: install
 # torch threads and subprocesses share the cores
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# the inner loop: tiny random models on the real tokenizer, no subprocess/multi-process/e2e tests
+test-fast: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not e2e"
 
 bench: install
 	$(PIP) install -q -e '.[bench]'

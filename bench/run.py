@@ -163,7 +163,7 @@ def trl_inputs(spec: dict):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftlab.models.registry import resolve_model
+    from sftlab.models.convert import resolve_model
 
     path = resolve_model(spec["model"])
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -335,7 +335,7 @@ def bench_one(model: str, method: str, args, matmul_flops: float) -> list[dict]:
     from transformers import AutoConfig
 
     from sftlab.models.loading import load_tokenizer
-    from sftlab.models.registry import resolve_model
+    from sftlab.models.convert import resolve_model
 
     lr = 2e-5 if method == "full" else 2e-4
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,8 +19,9 @@ from sftlab.data.batching import collate
 from sftlab.data.prepare import prepare_data
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.eval import run_eval
-from sftlab.eval.measures import (batches_of, heldout_examples, mean_kl, read_corpus, response_loss,
+from sftlab.eval.measures import (heldout_examples, mean_kl, read_corpus, response_loss,
                                   sample_continuations, text_examples, text_perplexity)
+from sftlab.train.batches import EvalBatches
 from sftlab.train.loop import train
 from sftlab.train.loss import token_loss_sum
 from conftest import write_json
@@ -82,7 +83,7 @@ def _reference_kl(base, tuned, batch) -> float:
 def test_kl_is_zero_for_identical_models_and_positive_after_training(tiny_run, tiny_model_dir, tokenizer):
     config = load_config(tiny_run / "config.yaml")
     examples, _ = heldout_examples(config, tokenizer)
-    batches = batches_of(examples, 2, tokenizer.pad_token_id)
+    batches = EvalBatches(examples, 2, tokenizer.pad_token_id)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     copy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tuned = AutoModelForCausalLM.from_pretrained(tiny_run / "final")

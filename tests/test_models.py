@@ -6,7 +6,8 @@ import pytest
 
 from sftlab.models import registry
 from sftlab.models.convert import pull
-from sftlab.models.registry import ModelNotFoundError, resolve_model
+from sftlab.models.convert import resolve_model
+from sftlab.models.registry import ModelNotFoundError
 
 
 def test_registry_name_resolves_to_the_pulled_checkpoint(smollm2_dir):

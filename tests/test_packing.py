@@ -5,13 +5,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftlab.config import load_config
 from sftlab.data.batching import collate
 from sftlab.data.packing import collate_packed, pack_bfd
-from sftlab.data.tokenize import IGNORE_INDEX, Example
+from sftlab.data.tokenize import Example
 from sftlab.train.loop import train
 from sftlab.train.loss import token_loss_sum
-from test_training import FIXTURES, _config, _examples
+from test_training import _config, _examples
 
 
 def test_bfd_places_every_example_once_within_capacity():

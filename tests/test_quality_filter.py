@@ -83,7 +83,7 @@ def test_category_cap_is_a_seeded_sample_per_value(tmp_path):
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet", ".jsonl.gz", ".json.zst"])
 def test_output_keeps_the_input_file_type(tmp_path, suffix):
     from sftlab.quality.filtering import write_rows
-    from sftlab.quality.rows import file_kind
+    from sftlab.data.readers import file_kind
 
     rows = [r for r in _lines(ROWS) if r["output"]]  # readable rows only
     source = write_rows(tmp_path / f"in{suffix}", rows, *file_kind(f"in{suffix}"), columns=list(rows[0]))

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from sftlab.config import ConfigError, describe_keys, load_config
+from sftlab.config import describe_keys, load_config
+from sftlab.terminal import console, fail, guard_all
 
 app = typer.Typer(
     help="sftlab: supervised fine-tuning of language models — data, exact loss masks, training, generation.",
@@ -22,34 +22,16 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Offline model registry: list and pull (convert GGUF once into the cache).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console()
 
 SET_HELP = "Override a config key, e.g. --set learning_rate=1e-4 --set lora.r=8 (repeatable)."
 
 
-def _fail(message: str) -> None:
-    # soft_wrap: never insert line breaks into a message (a path or a row number must stay greppable);
-    # the terminal wraps long lines itself. Under torchrun the rank says which process failed.
-    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-    where = f" (rank {rank})" if rank is not None else ""
-    console.print(f"[bold red]error{where}:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def _user_errors():
-    from sftlab.data.readers import DataError
-    from sftlab.data.templates import TemplateError
-    from sftlab.models.registry import ModelNotFoundError
-    from sftlab.errors import NonFiniteLossError
-
-    return (ConfigError, DataError, TemplateError, ModelNotFoundError, NonFiniteLossError)
-
-
-def _run(fn):
-    try:
-        return fn()
-    except _user_errors() as exc:
-        _fail(str(exc))
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of an error (also SFTLAB_DEBUG=1)"),
+) -> None:
+    if debug:
+        os.environ["SFTLAB_DEBUG"] = "1"
 
 
 @models_app.command("list")
@@ -80,7 +62,7 @@ def models_pull(
     """
     from sftlab.models.convert import pull
 
-    path = _run(lambda: pull(name, force=force))
+    path = pull(name, force=force)
     console.print(f"{name}: {path}")
 
 
@@ -99,7 +81,7 @@ def config_cmd(
             table.add_row(key, json.dumps(default), meaning)
         console.print(table)
         return
-    cfg = _run(lambda: load_config(config, set_))
+    cfg = load_config(config, set_)
     import yaml
 
     data = cfg.model_dump(mode="json")
@@ -139,7 +121,7 @@ def _print_report(report: dict) -> None:
         ("trained p50/p90/max", lambda r: pct(r, "trained_length_percentiles")),
     ]
     lines += [
-        ("duplicate rows", lambda r: f"{r['duplicate_rows']:,}"),
+        ("identical rows", lambda r: f"{r['duplicate_rows']:,}"),
         ("prompt p50/p90/max", lambda r: pct(r, "prompt_length_percentiles")),
         ("turns p50/max", lambda r: f"{r['turns_percentiles'].get('p50', '-')} / {r['turns_percentiles'].get('max', '-')}"),
     ]
@@ -169,12 +151,13 @@ def prepare_cmd(
     """
     from sftlab.api import prepare
 
-    data = _run(lambda: prepare(load_config(config, set_)))
+    cfg = load_config(config, set_)
+    data = prepare(cfg)
     _print_report(data.report)
     meta = data.store.meta
     where = "(temporary: cache is off)" if data.report["cache"] == "off" else f"({data.report['cache']})"
     console.print(f"token store: {data.store.folder} {where}: {meta['rows']:,} rows, {meta['tokens']:,} tokens")
-    console.print(f"report: {Path(load_config(config, set_).output_dir) / 'data_report.json'}")
+    console.print(f"report: {Path(cfg.output_dir) / 'data_report.json'}")
 
 
 @app.command("inspect")
@@ -196,25 +179,25 @@ def inspect_cmd(
     from sftlab.data.inspect import to_rich, write_html
     from sftlab.models.loading import load_tokenizer
 
-    cfg = _run(lambda: load_config(config, set_))
-    data = _run(lambda: prepare(cfg))
+    cfg = load_config(config, set_)
+    data = prepare(cfg)
     tokenizer = load_tokenizer(cfg.model)
     examples = data.train
     if where is not None:
         kind, _, reason = where.partition(":")
         if kind != "dropped":
-            _fail(f"--where {where}: expected 'dropped' or 'dropped:REASON'")
+            fail(f"--where {where}: expected 'dropped' or 'dropped:REASON'")
         rows = [d for d in data.dropped if not reason or d.reason == reason][:n]
         reasons = sorted({d.reason for d in data.dropped})
         if not rows:
-            _fail(f"--where {where}: no dropped rows match (reasons in this data: {', '.join(reasons) or 'none'})")
+            fail(f"--where {where}: no dropped rows match (reasons in this data: {', '.join(reasons) or 'none'})")
         for d in rows:
             console.rule(f"{d.source}  ·  dropped: {d.reason}")
             console.print(d.detail, highlight=False, markup=False)
         return
     if row is not None:
         if not 0 <= row < len(examples):
-            _fail(f"--row {row}: the training set has rows 0..{len(examples) - 1}")
+            fail(f"--row {row}: the training set has rows 0..{len(examples) - 1}")
         chosen = [examples[row]]
     elif random_rows:
         chosen = random.Random(cfg.seed).sample(examples, min(n, len(examples)))
@@ -255,8 +238,8 @@ def train_cmd(
         raise typer.Exit(run_torchrun(nproc, args))
     from sftlab.api import train
 
-    cfg = _run(lambda: load_config(config, set_))
-    result = _run(lambda: train(cfg, resume=resume, console=console, force=force))
+    cfg = load_config(config, set_)
+    result = train(cfg, resume=resume, console=console, force=force)
     if result is not None and result.interrupted:
         raise typer.Exit(0)
 
@@ -279,7 +262,7 @@ def generate_cmd(
     """
     from sftlab.infer.generate import Generator
 
-    generator = _run(lambda: Generator.load(model, template))
+    generator = Generator.load(model, template)
     if show_prompt:
         console.rule("prompt")
         console.print(generator.prompt_text(instruction, input), highlight=False, markup=False)
@@ -299,6 +282,7 @@ for _module in STAGE_COMMANDS:
 
     if importlib.util.find_spec(_module.rsplit(".", 1)[0]) and importlib.util.find_spec(_module):
         importlib.import_module(_module).register(app)
+guard_all(app)  # any SftlabError of any command: one clean line, exit code 1 (traceback with --debug)
 
 
 def main() -> None:

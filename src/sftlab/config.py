@@ -19,12 +19,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sftlab.errors import SftlabError
+
 # SFT uses small learning rates so the model keeps what it learned in pre-training
 # (Alpaca: 2e-5 for full fine-tuning; LoRA's adapters start at zero and need ~10x more).
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4}
 
 
-class ConfigError(ValueError):
+class ConfigError(SftlabError, ValueError):
     """A config file or override that cannot be used; the message says what to change."""
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 
 def _memo_dir() -> Path:
-    from sftlab.models.registry import sftlab_home
+    from sftlab.paths import sftlab_home
 
     return sftlab_home() / "cache" / "memo"
 

@@ -313,7 +313,7 @@ def cache_key(config: RunConfig, tokenizer, template) -> str:
 
 
 def _cache_dir(key: str, root: Path | None = None) -> Path:
-    from sftlab.models.registry import sftlab_home
+    from sftlab.paths import sftlab_home
 
     return (root or sftlab_home() / "cache" / "data") / key
 
@@ -367,7 +367,7 @@ def _quick_signature(config: RunConfig) -> list | None:
     local file (a hub id or dataset): then the key is computed in full."""
     from importlib.metadata import version
 
-    from sftlab.models.registry import resolve_model
+    from sftlab.models.convert import resolve_model
 
     model = Path(resolve_model(config.model))
     sources = [*config.data, *config.eval_data]

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from sftlab.errors import SftlabError
 
-class DataError(ValueError):
+
+class DataError(SftlabError, ValueError):
     """Bad input data; the message names file, line/index, field and what to do.
 
     `reason` is a short name under which `on_error: skip` counts the dropped row.
@@ -49,8 +51,9 @@ READ_CHUNK = 1 << 20
 MAX_RECORD_CHARS = 64 << 20  # a record longer than this in a JSON list is reported as invalid
 
 
-def _strip_compression(path: Path) -> tuple[str, str | None]:
-    suffixes = [s.lower() for s in path.suffixes]
+def file_kind(path: str | Path) -> tuple[str, str | None]:
+    """('.json' | '.jsonl' | '.csv' | '.parquet' | '', '.gz' | '.zst' | None) of a data file name."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
     if suffixes and suffixes[-1] in (".gz", ".zst"):
         return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
     return (suffixes[-1] if suffixes else ""), None
@@ -82,7 +85,7 @@ def read_rows(path: str | Path, split: str = "train") -> Iterator[RawRow]:
         return
     if not path.is_file():
         raise DataError(f"{path}: data file not found", "file_not_found")
-    kind, compression = _strip_compression(path)
+    kind, compression = file_kind(path)
     readers = {".jsonl": _read_jsonl, ".json": _read_json_list, ".csv": _read_csv, ".parquet": _read_parquet}
     if kind not in readers:
         raise DataError(
@@ -93,6 +96,25 @@ def read_rows(path: str | Path, split: str = "train") -> Iterator[RawRow]:
     if kind == ".parquet" and compression:
         raise DataError(f"{path}: parquet files are compressed inside; do not gzip/zstd them", "unsupported_file")
     yield from readers[kind](path, compression)
+
+
+def json_lines(path: str | Path, error: type[Exception] = DataError) -> Iterator[tuple[str, Any]]:
+    """("path:line", value) for each non-blank line of a small JSONL file (seed tasks, an eval
+    suite, a corpus); the first bad line raises `error` naming the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            where = f"{path}:{number}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            yield where, value
 
 
 def _read_jsonl(path: Path, compression: str | None) -> Iterator[RawRow]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftlab.data.formats import Conversation, Message
+from sftlab.errors import SftlabError
 
 ALPACA_PREAMBLE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -34,7 +35,7 @@ ALPACA_PREAMBLE_NO_INPUT = (
 TRAIN_ON = ("assistant", "last", "all")
 
 
-class TemplateError(ValueError):
+class TemplateError(SftlabError, ValueError):
     pass
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sftlab.errors import SftlabError
 
-class EvalError(ValueError):
+
+class EvalError(SftlabError, ValueError):
     """A user error in an evaluation: the message says what is wrong and what to do."""

@@ -275,15 +275,21 @@ def _s(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _builtin() -> list[Instruction]:
-    everything_json = {"startend:quotation", "detectable_format:title", "detectable_format:number_bullet_lists",
-                       "detectable_format:numbered_list", "length_constraints:number_paragraphs",
-                       "detectable_format:multiple_sections", "detectable_content:postscript",
-                       "detectable_format:number_highlighted_sections", "detectable_content:number_placeholders",
-                       "startend:end_checker", "startend:first_word", "combination:repeat_prompt",
-                       "punctuation:no_comma", "change_case:english_capital", "change_case:capital_word_frequency",
-                       "length_constraints:number_sentences", "combination:two_responses",
-                       "detectable_format:constrained_response"}
+# The built-in instructions, by category; `_builtin` lists them all in this order.
+
+_JSON_CONFLICTS = frozenset({  # what a JSON-only answer cannot also do
+    "startend:quotation", "detectable_format:title", "detectable_format:number_bullet_lists",
+    "detectable_format:numbered_list", "length_constraints:number_paragraphs", "detectable_format:multiple_sections",
+    "detectable_content:postscript", "detectable_format:number_highlighted_sections",
+    "detectable_content:number_placeholders", "startend:end_checker", "startend:first_word",
+    "combination:repeat_prompt", "punctuation:no_comma", "change_case:english_capital",
+    "change_case:capital_word_frequency", "length_constraints:number_sentences", "combination:two_responses",
+    "detectable_format:constrained_response",
+})
+
+
+def _case_instructions() -> list[Instruction]:
+    """Upper and lower case."""
     return [
         Instruction(
             "change_case:english_lowercase",
@@ -305,6 +311,12 @@ def _builtin() -> list[Instruction]:
                                  f"{relation} {_s(n, 'time')}."),
             check_capital_word_frequency,
             lambda rng, task: _relation_kwargs(rng, 2, 6)),
+    ]
+
+
+def _length_instructions() -> list[Instruction]:
+    """Words, sentences, paragraphs."""
+    return [
         Instruction(
             "length_constraints:min_words",
             lambda n: f"Answer with at least {n} words.",
@@ -333,6 +345,12 @@ def _builtin() -> list[Instruction]:
             check_paragraphs,
             lambda rng, task: {"n": rng.randint(2, 4)},
             conflicts=frozenset({"detectable_format:multiple_sections", "combination:two_responses"})),
+    ]
+
+
+def _format_instructions() -> list[Instruction]:
+    """Lists, JSON, titles, sections, highlights, fixed answers."""
+    return [
         Instruction(
             "detectable_format:number_bullet_lists",
             lambda n: (f"Your answer must contain exactly {n} bullet points. Use the markdown bullet points such as:\n"
@@ -351,7 +369,7 @@ def _builtin() -> list[Instruction]:
             "detectable_format:json_format",
             lambda: "Entire output should be wrapped in JSON format. You can use markdown ticks such as ```.",
             check_json,
-            conflicts=frozenset(everything_json)),
+            conflicts=_JSON_CONFLICTS),
         Instruction(
             "detectable_format:title",
             lambda: "Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>.",
@@ -377,6 +395,12 @@ def _builtin() -> list[Instruction]:
             lambda: "Answer with one of the following options: My answer is yes., My answer is no., My answer is maybe.",
             check_constrained_response,
             conflicts=frozenset(set(_ALL_IDS) - {"detectable_format:constrained_response"})),
+    ]
+
+
+def _content_instructions() -> list[Instruction]:
+    """A postscript, placeholders."""
+    return [
         Instruction(
             "detectable_content:postscript",
             lambda marker: f"At the end of your response, please explicitly add a postscript starting with {marker}",
@@ -389,6 +413,12 @@ def _builtin() -> list[Instruction]:
                        "such as [address]."),
             check_placeholders,
             lambda rng, task: {"n": rng.randint(1, 3)}),
+    ]
+
+
+def _keywords_instructions() -> list[Instruction]:
+    """Words and letters to use, avoid or repeat."""
+    return [
         Instruction(
             "keywords:existence",
             lambda keywords: "Include the keywords " + ", ".join(repr(k) for k in keywords) + " in the response.",
@@ -413,10 +443,22 @@ def _builtin() -> list[Instruction]:
             check_letter_frequency,
             lambda rng, task: _letter_kwargs(rng),
             conflicts=frozenset({"length_constraints:min_words"})),
+    ]
+
+
+def _punctuation_instructions() -> list[Instruction]:
+    """Commas."""
+    return [
         Instruction(
             "punctuation:no_comma",
             lambda: "In your entire response, refrain from the use of any commas.",
             check_no_comma),
+    ]
+
+
+def _start_end_instructions() -> list[Instruction]:
+    """How the response starts and ends."""
+    return [
         Instruction(
             "startend:quotation",
             lambda: "Wrap your entire response with double quotation marks.",
@@ -438,6 +480,12 @@ def _builtin() -> list[Instruction]:
             lambda rng, task: {"first_word": rng.choice(FIRST_WORDS)},
             conflicts=frozenset({"combination:repeat_prompt", "combination:two_responses",
                                  "detectable_format:numbered_list"})),
+    ]
+
+
+def _combination_instructions() -> list[Instruction]:
+    """Repeating the request; two responses."""
+    return [
         Instruction(
             "combination:repeat_prompt",
             lambda prompt_to_repeat: ("First repeat the request word for word without change, then give your answer. "
@@ -452,6 +500,12 @@ def _builtin() -> list[Instruction]:
                      "6 asterisk symbols: ******."),
             check_two_responses),
     ]
+
+
+def _builtin() -> list[Instruction]:
+    return (_case_instructions() + _length_instructions() + _format_instructions() + _content_instructions()
+            + _keywords_instructions() + _punctuation_instructions() + _start_end_instructions()
+            + _combination_instructions())
 
 
 _ALL_IDS = (

@@ -134,20 +134,14 @@ def prompt_of(conversation) -> tuple[str, str] | None:
     return users[0], "\n\n".join(m.content for m in prompt if m.role == "input")
 
 
-def batches_of(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Length-sorted right-padded batches, as the training loop builds its validation batches."""
-    from sftlab.data.batching import collate
-
-    ordered = sorted(examples, key=len)
-    return [collate(ordered[i: i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
-
-
 def response_loss(model, examples: list[Example], pad_id: int, device: torch.device,
                   batch_size: int = 8, chunk_size: int = 1024) -> dict:
     """{'loss', 'perplexity', 'tokens'}: the training objective on held-out examples."""
     from sftlab.train.loss import evaluate_loss
 
-    return evaluate_loss(model, batches_of(examples, batch_size, pad_id), device, chunk_size)
+    from sftlab.train.batches import EvalBatches
+
+    return evaluate_loss(model, EvalBatches(examples, batch_size, pad_id), device, chunk_size)
 
 
 # -- general text ------------------------------------------------------------------------------
@@ -162,14 +156,9 @@ def read_corpus(path: str | Path) -> list[str]:
             data = json.loads(path.read_text(encoding="utf-8"))
             rows = data if isinstance(data, list) else [data]
         else:
-            rows = []
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise EvalError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+            from sftlab.data.readers import json_lines
+
+            rows = [row for _, row in json_lines(path, EvalError)]
         texts = []
         for index, row in enumerate(rows):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
@@ -216,22 +205,18 @@ def sample_continuations(model, tokenizer, prompts: list[str], max_new_tokens: i
     so the tuned model's perplexity on them relative to the base's estimates exp(KL) on
     generic text. Seeded; the texts are stored in the report, so the numbers can be recomputed.
     """
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    previous, tokenizer.padding_side = tokenizer.padding_side, "left"
-    texts = []
+    from sftlab.infer.engine import BatchEngine, SamplingParams
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = BatchEngine(model, pad, {tokenizer.eos_token_id} - {None}, max_batch_size=batch_size, batch_window_ms=0.0)
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start: start + batch_size]
-            enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            continuations = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            texts += [p + c for p, c in zip(batch, continuations)]
+        ids = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=1.0, top_p=1.0, seed=seed + i)
+                  for i in range(len(prompts))]
+        done = engine.generate_all(ids, params, tokenizer)
     finally:
-        tokenizer.padding_side = previous
-    return texts
+        engine.close()
+    return [p + d.text for p, d in zip(prompts, done)]
 
 
 def neutral_prompts(n: int, seed: int = 0) -> list[str]:

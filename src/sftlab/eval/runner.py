@@ -1,6 +1,6 @@
 """`run_eval`: what SFT gained (held-out loss, instruction following) and what it cost (forgetting).
 
-One function, top to bottom: load both models, then each measurement in turn, then the report.
+Load both models, then each measurement in turn (a function each), then the report.
 Both models stay loaded together (KL needs their logits on the same ids), so the machine needs
 memory for two copies of the model.
 """
@@ -11,26 +11,15 @@ import contextlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
 
+from sftlab.eval import measures
 from sftlab.eval.errors import EvalError
-
-DEFAULTS = {
-    "limit": 60,
-    "max_new_tokens": 128,
-    "batch_size": 8,
-    "side_by_side": 5,
-    "forgetting_threshold": 0.10,
-    "corpus_samples": 8,
-    "corpus_tokens": 96,
-    "block_size": 256,
-    "max_corpus_chunks": 64,
-    "seed": 0,
-}
-
+from sftlab.eval.settings import EvalSettings
 
 def find_run(run_dir: str | Path) -> tuple[Path, Path]:
     """(run directory holding config.yaml, the checkpoint folder to evaluate)."""
@@ -86,210 +75,217 @@ def _say(console: Console | None, text: str) -> None:
         console.print(f"[dim]eval:[/] {text}", highlight=False, soft_wrap=True)
 
 
-def run_eval(
-    run_dir: str | Path,
-    base: str | None = None,
-    data: str | Path | None = None,
-    suite: str | Path | None = None,
-    corpus: str | Path | None = None,
-    lm_eval: list[str] | str | None = None,
-    lm_eval_include: list[str | Path] = (),
-    lm_eval_limit: int | float | None = None,
-    lm_eval_fewshot: int | None = None,
-    lm_eval_base: bool = True,
-    output: str | Path | None = None,
-    limit: int | None = DEFAULTS["limit"],
-    max_new_tokens: int = DEFAULTS["max_new_tokens"],
-    batch_size: int = DEFAULTS["batch_size"],
-    side_by_side: int = DEFAULTS["side_by_side"],
-    forgetting_threshold: float = DEFAULTS["forgetting_threshold"],
-    corpus_samples: int = DEFAULTS["corpus_samples"],
-    corpus_tokens: int = DEFAULTS["corpus_tokens"],
-    block_size: int = DEFAULTS["block_size"],
-    max_corpus_chunks: int | None = DEFAULTS["max_corpus_chunks"],
-    seed: int = DEFAULTS["seed"],
-    device: str = "auto",
-    console: Console | None = None,
-) -> dict:
+@dataclass
+class _Models:
+    """The tuned model and its base, loaded side by side, with what the measurements share."""
+
+    tuned: object
+    tokenizer: object
+    base: object
+    base_tokenizer: object
+    device: object
+    template: str
+    same_vocab: bool  # KL and shared examples need the same token ids
+
+    def generators(self):
+        from sftlab.infer.generate import Generator
+
+        return {"tuned": Generator(self.tuned, self.tokenizer, self.template),
+                "base": Generator(self.base, self.base_tokenizer, self.template)}
+
+
+def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console: Console | None = None,
+             **options) -> dict:
     """Evaluate a run against its base model; writes OUTPUT/eval_report.json and eval_report.html.
 
-    limit: suite prompts to run (None = all, 0 = skip instruction following);
-    side_by_side: held-out prompts answered by both models (0 = skip);
-    lm_eval: comma-separated lm-eval task names (None = skip); lm_eval_base: also run them on the base.
-    Returns the report dict (also written as JSON).
+    `settings` (or its fields as keyword `options`, e.g. `limit=10`) say what to measure: see
+    `sftlab.eval.settings.EvalSettings` (limit 0 skips instruction following, side_by_side 0 the
+    side-by-side answers, lm_eval None the harness). Returns the report dict (also written as JSON).
     """
     from sftlab.config import load_config
-    from sftlab.eval import ifeval, measures
     from sftlab.eval.report import write_report
     from sftlab.eval.suite import SUITE_PATH, load_suite
-    from sftlab.infer.generate import Generator
     from sftlab.models.loading import load_for_inference, pick_device
 
+    s = settings.model_copy(update=options) if settings is not None else EvalSettings(**options)
     started = time.perf_counter()
-    if limit is not None and limit < 0:
-        raise EvalError(f"--limit {limit}: give 0 (skip), a positive number, or --full-suite")
     run_path, checkpoint = find_run(run_dir)
     config = load_config(run_path / "config.yaml")
-    out_dir = Path(output) if output else run_path / "eval"
-    rows = load_suite(suite) if limit != 0 else []  # fail on a bad suite before loading models
-    if limit:
-        rows = rows[:limit]
-    corpus_texts = measures.read_corpus(corpus) if corpus is not None else None
-    stack = contextlib.ExitStack()
-    manager = None
-    if lm_eval:  # check the task names before minutes of work (an unknown task fails here)
-        from sftlab.eval.lm_eval_bridge import task_manager
+    rows = load_suite(s.suite) if s.limit != 0 else []  # fail on a bad suite before loading models
+    rows = rows[: s.limit] if s.limit else rows
+    corpus_texts = measures.read_corpus(s.corpus) if s.corpus is not None else None
+    with contextlib.ExitStack() as stack:
+        manager = None
+        if s.lm_eval:  # check the task names before minutes of work (an unknown task fails here)
+            from sftlab.eval.lm_eval_bridge import task_manager
 
-        manager = stack.enter_context(task_manager(lm_eval, lm_eval_include))
-    with stack:
-        torch_device = pick_device(device)
+            manager = stack.enter_context(task_manager(s.lm_eval, s.lm_eval_include))
         timings: dict[str, float] = {}
-
-        def lap(name: str, since: float) -> float:
-            timings[name] = round(time.perf_counter() - since, 2)
-            return time.perf_counter()
-
         t = time.perf_counter()
+        device = pick_device(s.device)
         _say(console, f"loading the tuned model from {checkpoint}")
-        tuned, tokenizer, info = load_for_inference(str(checkpoint), torch_device)
-        base_name = base or info.get("base_model") or config.model
+        tuned, tokenizer, info = load_for_inference(str(checkpoint), device)
+        base_name = s.base or info.get("base_model") or config.model
         _say(console, f"loading the base model {base_name}")
-        base_model, base_tokenizer, _ = load_for_inference(str(base_name), torch_device)
+        base_model, base_tokenizer, _ = load_for_inference(str(base_name), device)
         template = info.get("template", config.template)
-        same_vocab = measures.same_vocabulary(tokenizer, base_tokenizer)
-        t = lap("load", t)
-
+        models = _Models(tuned, tokenizer, base_model, base_tokenizer, device, template,
+                         measures.same_vocabulary(tokenizer, base_tokenizer))
+        timings["load"] = _lap(t)
         report: dict = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_dir": str(run_path),
             "checkpoint": str(checkpoint),
             "tuned": {"path": str(checkpoint), "method": info.get("method"), "template": template},
             "base": {"name": str(base_name), "template": template},
-            "same_tokenizer": same_vocab,
-            "device": str(torch_device),
-            "settings": {
-                "data": str(data) if data else None, "suite": str(suite or SUITE_PATH),
-                "corpus": str(corpus) if corpus else None,
-                "limit": limit, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "side_by_side": side_by_side,
-                "forgetting_threshold": forgetting_threshold, "corpus_samples": corpus_samples,
-                "corpus_tokens": corpus_tokens,
-                "block_size": block_size, "max_corpus_chunks": max_corpus_chunks, "seed": seed,
-                "lm_eval": lm_eval, "lm_eval_limit": lm_eval_limit, "lm_eval_fewshot": lm_eval_fewshot,
-                "lm_eval_base": lm_eval_base,
-            },
+            "same_tokenizer": models.same_vocab,
+            "device": str(device),
+            "settings": {**s.as_report(), "suite": str(s.suite or SUITE_PATH)},
             "training": _training_summary(read_metrics(run_path), run_path),
         }
-
-        # -- 1. held-out response loss ---------------------------------------------------------------
-        examples, where = measures.heldout_examples(config, tokenizer, data)
-        heldout: dict = {"source": where, "rows": len(examples)}
-        if examples:
-            _say(console, f"held-out loss on {len(examples)} rows ({where})")
-            base_examples = examples if same_vocab else measures.heldout_examples(config, base_tokenizer, data)[0]
-            chunk = config.loss_chunk_size
-            heldout["tuned"] = measures.response_loss(tuned, examples, tokenizer.pad_token_id, torch_device,
-                                                      batch_size, chunk)
-            heldout["base"] = measures.response_loss(base_model, base_examples, base_tokenizer.pad_token_id, torch_device,
-                                                     batch_size, chunk)
-            heldout["delta_loss"] = heldout["tuned"]["loss"] - heldout["base"]["loss"]
-            if same_vocab:
-                batches = measures.batches_of(examples, batch_size, tokenizer.pad_token_id)
-                heldout["kl"] = measures.mean_kl(base_model, tuned, batches, torch_device)
-        report["heldout"] = heldout
-        t = lap("heldout", t)
-
-        # -- 2. verifiable instruction following -------------------------------------------------------
-        tuned_generator = Generator(tuned, tokenizer, template)
-        base_generator = Generator(base_model, base_tokenizer, template)
-        if rows:
-            _say(console, f"instruction following: {len(rows)} prompts x 2 models, up to {max_new_tokens} new tokens")
-            prompts = [(row["prompt"], "") for row in rows]
-            instruction_following = {"suite": str(suite or SUITE_PATH), "prompts": len(rows)}
-            answers = {}
-            for name, generator in (("tuned", tuned_generator), ("base", base_generator)):
-                responses, speed = _generate(generator, prompts, max_new_tokens, batch_size)
-                scored = ifeval.score(rows, responses)
-                checks = scored.pop("checks")
-                instruction_following[name] = {**scored, "generation": speed}
-                answers[name] = (responses, checks)
-            instruction_following["responses"] = [
-                {"id": row["id"], "prompt": row["prompt"], "instruction_ids": row["instruction_ids"],
-                 "kwargs": row["kwargs"],
-                 **{name: {"response": answers[name][0][i], **answers[name][1][i]} for name in ("base", "tuned")}}
-                for i, row in enumerate(rows)
-            ]
-            report["instruction_following"] = instruction_following
-        else:
-            report["instruction_following"] = None
-        t = lap("instruction_following", t)
-
-        # -- 3. forgetting -----------------------------------------------------------------------------
-        if corpus is not None:
-            texts, source = corpus_texts, str(corpus)
-        elif corpus_samples > 0:
-            _say(console, f"forgetting: sampling {corpus_samples} continuations from the base model (seed {seed})")
-            texts = measures.sample_continuations(base_model, base_tokenizer, measures.neutral_prompts(corpus_samples, seed),
-                                                  corpus_tokens, seed, batch_size)
-            source = "base_samples"
-        else:
-            texts, source = [], None
-        forgetting: dict = {"source": source, "threshold": forgetting_threshold}
-        if texts:
-            chunks = measures.text_examples(texts, tokenizer, block_size, max_corpus_chunks)
-            base_chunks = (chunks if same_vocab
-                           else measures.text_examples(texts, base_tokenizer, block_size, max_corpus_chunks))
-            _say(console, f"forgetting: perplexity on {len(chunks)} chunks of general text")
-            forgetting["chunks"] = len(chunks)
-            forgetting["tuned"] = measures.text_perplexity(tuned, chunks, tokenizer.pad_token_id, torch_device, batch_size)
-            forgetting["base"] = measures.text_perplexity(base_model, base_chunks, base_tokenizer.pad_token_id, torch_device,
-                                                          batch_size)
-            change = _relative(forgetting["base"]["perplexity"], forgetting["tuned"]["perplexity"])
-            forgetting["relative_change"] = change
-            forgetting["flagged"] = change is not None and change > forgetting_threshold
-            if same_vocab:
-                batches = measures.batches_of(chunks, batch_size, tokenizer.pad_token_id)
-                forgetting["kl"] = measures.mean_kl(base_model, tuned, batches, torch_device)
-            if source == "base_samples":
-                forgetting["texts"] = texts
-        report["forgetting"] = forgetting
-        t = lap("forgetting", t)
-
-        # -- 4. side by side ---------------------------------------------------------------------------
-        pairs = []
-        if side_by_side > 0:
-            pairs = _side_by_side_prompts(config, examples, data, side_by_side) or [
-                {"instruction": row["prompt"], "input": "", "reference": None, "source": row["id"]}
-                for row in rows[:side_by_side]
-            ]
-        if pairs:
-            _say(console, f"side by side: {len(pairs)} prompts")
-            prompts = [(p["instruction"], p["input"]) for p in pairs]
-            tuned_answers, _ = _generate(tuned_generator, prompts, max_new_tokens, batch_size)
-            base_answers, _ = _generate(base_generator, prompts, max_new_tokens, batch_size)
-            for pair, b, tu in zip(pairs, base_answers, tuned_answers):
-                pair["base"], pair["tuned"] = b, tu
-        report["side_by_side"] = pairs
-        t = lap("side_by_side", t)
-
-        # -- 5. lm-evaluation-harness ----------------------------------------------------------------
+        generators = models.generators()
+        t = time.perf_counter()
+        examples, report["heldout"] = _heldout(models, config, s, console)
+        timings["heldout"] = _lap(t)
+        t = time.perf_counter()
+        report["instruction_following"] = _instruction_following(generators, rows, s, console)
+        timings["instruction_following"] = _lap(t)
+        t = time.perf_counter()
+        report["forgetting"] = _forgetting(models, corpus_texts, s, console)
+        timings["forgetting"] = _lap(t)
+        t = time.perf_counter()
+        report["side_by_side"] = _side_by_side(generators, config, examples, rows, s, console)
+        timings["side_by_side"] = _lap(t)
         report["lm_eval"] = None
-        if lm_eval:
-            from sftlab.eval.lm_eval_bridge import run_lm_eval
-
-            _say(console, f"lm-eval: {lm_eval}")
-            report["lm_eval"] = {
-                name: run_lm_eval(model, tok, lm_eval, limit=lm_eval_limit, num_fewshot=lm_eval_fewshot,
-                                  batch_size=batch_size, seed=seed, manager=manager)
-                for name, model, tok in (("tuned", tuned, tokenizer), ("base", base_model, base_tokenizer))
-                if name == "tuned" or lm_eval_base
-            }
-            t = lap("lm_eval", t)
-
-        timings["total"] = round(time.perf_counter() - started, 2)
+        if s.lm_eval:
+            t = time.perf_counter()
+            report["lm_eval"] = _lm_eval(models, s, manager, console)
+            timings["lm_eval"] = _lap(t)
+        timings["total"] = _lap(started)
         report["timings"] = timings
-        json_path, html_path = write_report(report, out_dir, run_path)
+        json_path, html_path = write_report(report, s.output or run_path / "eval", run_path)
         report["files"] = {"json": str(json_path), "html": str(html_path)}
         return report
+
+
+def _lap(since: float) -> float:
+    return round(time.perf_counter() - since, 2)
+
+
+def _heldout(models: _Models, config, s: EvalSettings, console) -> tuple[list, dict]:
+    """The training objective (mean response-token loss) of both models on held-out rows, and
+    the KL between them there; also returns the examples (side by side picks from them)."""
+    from sftlab.train.batches import EvalBatches
+
+    examples, where = measures.heldout_examples(config, models.tokenizer, s.data)
+    heldout: dict = {"source": where, "rows": len(examples)}
+    if not examples:
+        return examples, heldout
+    _say(console, f"held-out loss on {len(examples)} rows ({where})")
+    base_examples = examples if models.same_vocab else measures.heldout_examples(config, models.base_tokenizer, s.data)[0]
+    chunk = config.loss_chunk_size
+    heldout["tuned"] = measures.response_loss(models.tuned, examples, models.tokenizer.pad_token_id, models.device,
+                                              s.batch_size, chunk)
+    heldout["base"] = measures.response_loss(models.base, base_examples, models.base_tokenizer.pad_token_id,
+                                             models.device, s.batch_size, chunk)
+    heldout["delta_loss"] = heldout["tuned"]["loss"] - heldout["base"]["loss"]
+    if models.same_vocab:
+        batches = EvalBatches(examples, s.batch_size, models.tokenizer.pad_token_id)
+        heldout["kl"] = measures.mean_kl(models.base, models.tuned, batches, models.device)
+    return examples, heldout
+
+
+def _instruction_following(generators: dict, rows: list[dict], s: EvalSettings, console) -> dict | None:
+    """Both models answer the suite's prompts; every verifiable instruction is checked."""
+    from sftlab.eval import ifeval
+    from sftlab.eval.suite import SUITE_PATH
+
+    if not rows:
+        return None
+    _say(console, f"instruction following: {len(rows)} prompts x 2 models, up to {s.max_new_tokens} new tokens")
+    prompts = [(row["prompt"], "") for row in rows]
+    result: dict = {"suite": str(s.suite or SUITE_PATH), "prompts": len(rows)}
+    answers = {}
+    for name in ("tuned", "base"):
+        responses, speed = _generate(generators[name], prompts, s.max_new_tokens, s.batch_size)
+        scored = ifeval.score(rows, responses)
+        checks = scored.pop("checks")
+        result[name] = {**scored, "generation": speed}
+        answers[name] = (responses, checks)
+    result["responses"] = [
+        {"id": row["id"], "prompt": row["prompt"], "instruction_ids": row["instruction_ids"], "kwargs": row["kwargs"],
+         **{name: {"response": answers[name][0][i], **answers[name][1][i]} for name in ("base", "tuned")}}
+        for i, row in enumerate(rows)
+    ]
+    return result
+
+
+def _forgetting(models: _Models, corpus_texts: list[str] | None, s: EvalSettings, console) -> dict:
+    """Perplexity of both models on general text (the user's corpus, or text the base model
+    writes itself); flagged when the tuned model's rises by more than the threshold."""
+    from sftlab.train.batches import EvalBatches
+
+    if corpus_texts is not None:
+        texts, source = corpus_texts, str(s.corpus)
+    elif s.corpus_samples > 0:
+        _say(console, f"forgetting: sampling {s.corpus_samples} continuations from the base model (seed {s.seed})")
+        texts = measures.sample_continuations(models.base, models.base_tokenizer,
+                                              measures.neutral_prompts(s.corpus_samples, s.seed),
+                                              s.corpus_tokens, s.seed, s.batch_size)
+        source = "base_samples"
+    else:
+        texts, source = [], None
+    forgetting: dict = {"source": source, "threshold": s.forgetting_threshold}
+    if not texts:
+        return forgetting
+    chunks = measures.text_examples(texts, models.tokenizer, s.block_size, s.max_corpus_chunks)
+    base_chunks = (chunks if models.same_vocab
+                   else measures.text_examples(texts, models.base_tokenizer, s.block_size, s.max_corpus_chunks))
+    _say(console, f"forgetting: perplexity on {len(chunks)} chunks of general text")
+    forgetting["chunks"] = len(chunks)
+    forgetting["tuned"] = measures.text_perplexity(models.tuned, chunks, models.tokenizer.pad_token_id, models.device,
+                                                   s.batch_size)
+    forgetting["base"] = measures.text_perplexity(models.base, base_chunks, models.base_tokenizer.pad_token_id,
+                                                  models.device, s.batch_size)
+    change = _relative(forgetting["base"]["perplexity"], forgetting["tuned"]["perplexity"])
+    forgetting["relative_change"] = change
+    forgetting["flagged"] = change is not None and change > s.forgetting_threshold
+    if models.same_vocab:
+        batches = EvalBatches(chunks, s.batch_size, models.tokenizer.pad_token_id)
+        forgetting["kl"] = measures.mean_kl(models.base, models.tuned, batches, models.device)
+    if source == "base_samples":
+        forgetting["texts"] = texts
+    return forgetting
+
+
+def _side_by_side(generators: dict, config, examples: list, rows: list[dict], s: EvalSettings, console) -> list[dict]:
+    """Held-out prompts (else suite prompts) answered by both models, beside the reference."""
+    if s.side_by_side <= 0:
+        return []
+    pairs = _side_by_side_prompts(config, examples, s.data, s.side_by_side) or [
+        {"instruction": row["prompt"], "input": "", "reference": None, "source": row["id"]}
+        for row in rows[: s.side_by_side]
+    ]
+    if pairs:
+        _say(console, f"side by side: {len(pairs)} prompts")
+        prompts = [(p["instruction"], p["input"]) for p in pairs]
+        tuned_answers, _ = _generate(generators["tuned"], prompts, s.max_new_tokens, s.batch_size)
+        base_answers, _ = _generate(generators["base"], prompts, s.max_new_tokens, s.batch_size)
+        for pair, b, tu in zip(pairs, base_answers, tuned_answers):
+            pair["base"], pair["tuned"] = b, tu
+    return pairs
+
+
+def _lm_eval(models: _Models, s: EvalSettings, manager, console) -> dict:
+    from sftlab.eval.lm_eval_bridge import run_lm_eval
+
+    _say(console, f"lm-eval: {s.lm_eval}")
+    return {
+        name: run_lm_eval(model, tok, s.lm_eval, limit=s.lm_eval_limit, num_fewshot=s.lm_eval_fewshot,
+                          batch_size=s.batch_size, seed=s.seed, manager=manager)
+        for name, model, tok in (("tuned", models.tuned, models.tokenizer), ("base", models.base, models.base_tokenizer))
+        if name == "tuned" or s.lm_eval_base
+    }
 
 
 def _side_by_side_prompts(config, examples, data, n: int) -> list[dict]:

@@ -18,6 +18,7 @@ import json
 import random
 from pathlib import Path
 
+from sftlab.data.readers import json_lines
 from sftlab.eval.errors import EvalError
 from sftlab.eval.ifeval import INSTRUCTIONS, Task, conflicting, get_instruction
 
@@ -128,14 +129,7 @@ def load_suite(path: str | Path | None = None) -> list[dict]:
     if not path.is_file():
         raise EvalError(f"{path}: suite file not found")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalError(f"{where}: invalid JSON ({exc.msg})") from None
+    for where, row in json_lines(path, EvalError):
         if not isinstance(row, dict):
             raise EvalError(f"{where}: expected a JSON object")
         missing = [k for k in ("id", "prompt", "instruction_ids", "kwargs") if k not in row]

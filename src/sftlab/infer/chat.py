@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from sftlab.errors import SftlabError
 from sftlab.infer.engine import Done, Failed, InferenceModel, SamplingParams, TextStream, Token, template_errors
 
 COMMANDS = (
@@ -31,7 +32,7 @@ COMMANDS = (
 )
 
 
-class ChatError(ValueError):
+class ChatError(SftlabError, ValueError):
     """A turn that cannot be generated (the template rejects it, or it overflows the context)."""
 
 

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from sftlab.errors import SftlabError
+
 MODEL_HELP = "run directory, checkpoint folder, registry name or HF model folder"
 TEMPLATE_HELP = "template for a plain model (a run uses its own); default alpaca"
 THREADS_HELP = "torch CPU threads (default: torch's choice; 1 is often faster on a busy, shared CPU)"
@@ -23,85 +25,89 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError)
 
 
+def serve_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    api_key: Optional[str] = typer.Option(
+        None, help="require 'Authorization: Bearer KEY' (default: env SFTLAB_API_KEY; unset = open)"),
+    model_name: Optional[str] = typer.Option(None, help="the name clients pass as `model` (default: MODEL as given)"),
+    template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP),
+    max_batch_size: int = typer.Option(8, min=1, help="most requests decoded together in one batch"),
+    batch_window_ms: float = typer.Option(20.0, min=0.0, help="how long to wait for more requests to batch"),
+    log_level: str = typer.Option("info", help="uvicorn log level (warning, info, debug)"),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+) -> None:
+    """Serve a run with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    Concurrent requests are batched on the model; chat messages use the run's own template.
+
+    Client: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
+
+    Example: sftlab serve runs/demo --port 8000 --api-key secret
+    """
+    from sftlab.infer.server import SHUTDOWN_GRACE_S, create_app
+    from sftlab.terminal import console, fail
+
+    _set_threads(threads)
+    try:
+        app = create_app(model, api_key=api_key, model_name=model_name, template=template,
+                         max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
+    except SftlabError:
+        raise  # its own clean message (the command is guarded)
+    except _load_errors() as exc:
+        fail(f"cannot load '{model}': {exc}")
+    import uvicorn
+
+    name = app.state.model_name
+    keyed = "an API key" if (api_key or _env_key()) else "no API key"
+    console.print(f"serving [bold]{name}[/] (template {app.state.inference.template_name}, {keyed}) at "
+                  f"http://{host}:{port}/v1", highlight=False)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    except (OSError, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and not exc.code:
+            return
+        fail(f"cannot serve on {host}:{port}: {exc}")
+
+def chat_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    system: Optional[str] = typer.Option(None, help="system prompt (change it later with /system TEXT)"),
+    max_new_tokens: int = typer.Option(256, min=1, help="longest reply in tokens"),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="nucleus sampling threshold (temperature > 0)"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed"),
+    template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+) -> None:
+    """Chat with a run in the terminal, tokens streamed, in the template it trained with.
+
+    Commands: /reset, /system TEXT, /save FILE (OpenAI messages JSON), /help, /exit.
+
+    Reads lines from stdin when it is not a terminal, so a conversation can be piped in.
+
+    Example: sftlab chat runs/demo --system "Answer in one sentence."
+    """
+    from sftlab.infer.chat import ChatSession, run_chat
+    from sftlab.terminal import fail
+
+    _set_threads(threads)
+    try:
+        session = ChatSession.load(model, template, system=system, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed)
+    except SftlabError:
+        raise  # its own clean message (the command is guarded)
+    except _load_errors() as exc:
+        fail(f"cannot load '{model}': {exc}")
+    try:
+        run_chat(session)
+    finally:
+        session.inference.engine.close()
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("serve")
-    def serve_cmd(
-        model: str = typer.Argument(..., help=MODEL_HELP),
-        host: str = typer.Option("127.0.0.1", help="address to bind"),
-        port: int = typer.Option(8000, help="port to listen on"),
-        api_key: Optional[str] = typer.Option(
-            None, help="require 'Authorization: Bearer KEY' (default: env SFTLAB_API_KEY; unset = open)"),
-        model_name: Optional[str] = typer.Option(None, help="the name clients pass as `model` (default: MODEL as given)"),
-        template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP),
-        max_batch_size: int = typer.Option(8, min=1, help="most requests decoded together in one batch"),
-        batch_window_ms: float = typer.Option(20.0, min=0.0, help="how long to wait for more requests to batch"),
-        log_level: str = typer.Option("info", help="uvicorn log level (warning, info, debug)"),
-        threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
-    ) -> None:
-        """Serve a run with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
-
-        Concurrent requests are batched on the model; chat messages use the run's own template.
-
-        Client: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
-
-        Example: sftlab serve runs/demo --port 8000 --api-key secret
-        """
-        from sftlab.cli import _fail, _run, console
-
-        from sftlab.infer.server import SHUTDOWN_GRACE_S, create_app
-
-        _set_threads(threads)
-        try:
-            app = _run(lambda: create_app(model, api_key=api_key, model_name=model_name, template=template,
-                                          max_batch_size=max_batch_size, batch_window_ms=batch_window_ms))
-        except _load_errors() as exc:
-            _fail(f"cannot load '{model}': {exc}")
-        import uvicorn
-
-        name = app.state.model_name
-        keyed = "an API key" if (api_key or _env_key()) else "no API key"
-        console.print(f"serving [bold]{name}[/] (template {app.state.inference.template_name}, {keyed}) at "
-                      f"http://{host}:{port}/v1", highlight=False)
-        try:
-            uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-        except (OSError, SystemExit) as exc:
-            if isinstance(exc, SystemExit) and not exc.code:
-                return
-            _fail(f"cannot serve on {host}:{port}: {exc}")
-
-    @app.command("chat")
-    def chat_cmd(
-        model: str = typer.Argument(..., help=MODEL_HELP),
-        system: Optional[str] = typer.Option(None, help="system prompt (change it later with /system TEXT)"),
-        max_new_tokens: int = typer.Option(256, min=1, help="longest reply in tokens"),
-        temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
-        top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="nucleus sampling threshold (temperature > 0)"),
-        seed: Optional[int] = typer.Option(None, help="sampling seed"),
-        template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP),
-        threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
-    ) -> None:
-        """Chat with a run in the terminal, tokens streamed, in the template it trained with.
-
-        Commands: /reset, /system TEXT, /save FILE (OpenAI messages JSON), /help, /exit.
-
-        Reads lines from stdin when it is not a terminal, so a conversation can be piped in.
-
-        Example: sftlab chat runs/demo --system "Answer in one sentence."
-        """
-        from sftlab.cli import _fail, _run
-
-        from sftlab.infer.chat import ChatSession, run_chat
-
-        _set_threads(threads)
-        try:
-            session = _run(lambda: ChatSession.load(model, template, system=system, max_new_tokens=max_new_tokens,
-                                                    temperature=temperature, top_p=top_p, seed=seed))
-        except _load_errors() as exc:
-            _fail(f"cannot load '{model}': {exc}")
-        try:
-            run_chat(session)
-        finally:
-            session.inference.engine.close()
+    app.command("serve")(serve_cmd)
+    app.command("chat")(chat_cmd)
 
 
 def _env_key() -> str | None:

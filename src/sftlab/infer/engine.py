@@ -131,6 +131,16 @@ class Failed:
     message: str
 
 
+@dataclass(frozen=True)
+class Generated:
+    """A finished completion: its text, why it ended ("stop" | "length" | "error"), its tokens."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    error: str | None = None
+
+
 Event = Token | Done | Failed
 
 
@@ -298,6 +308,52 @@ class BatchEngine:
                     return
         finally:
             request.cancel()
+
+    def generate_all(self, prompts: list[list[int]], params: list[SamplingParams], tokenizer,
+                     stop: list[str] | tuple[str, ...] = ()) -> list[Generated]:
+        """Every prompt's completion, decoded (special tokens skipped, cut before a stop string);
+        blocks until all are done. The engine decodes them max_batch_size rows at a time, and a
+        row leaves the batch as soon as it ends. What `generate`, `eval` and the local
+        self-instruct backend use; `serve` and `chat` stream the same engine's events."""
+        results: list[Generated | None] = [None] * len(prompts)
+        finished = threading.Semaphore(0)
+
+        def collector(index: int, stream: TextStream):
+            count = [0]
+
+            def emit(event: Event) -> None:  # on the worker thread
+                if results[index] is not None:
+                    return
+                if isinstance(event, Token):
+                    count[0] += 1
+                    stream.push(event.id)
+                    if not stream.stopped:
+                        return
+                    requests[index].cancel()  # a stop string: the row leaves the batch
+                    results[index] = Generated(stream.text, "stop", count[0])
+                elif isinstance(event, Done):
+                    stream.finish()
+                    results[index] = Generated(stream.text, "length" if event.reason == "length" else "stop",
+                                               event.completion_tokens)
+                else:
+                    results[index] = Generated(stream.text, "error", count[0], event.message)
+                finished.release()
+
+            return emit
+
+        requests = [GenerationRequest(list(ids), p, lambda event: None) for ids, p in zip(prompts, params)]
+        for index, request in enumerate(requests):
+            request.emit = collector(index, TextStream(tokenizer, stop))
+        if any(not r.prompt_ids for r in requests):
+            raise ValueError("the prompt is empty")
+        with self._lock:
+            self._stats["requests"] += len(requests)
+        for request in requests:  # all queued before the worker looks: the first batch is a full one
+            self._pending.put(request)
+        self.start()
+        for _ in requests:
+            finished.acquire()
+        return results  # type: ignore[return-value]
 
     def stats(self) -> dict:
         with self._lock:

@@ -1,7 +1,8 @@
-"""Generate responses with the template the run trained with, batched with a KV cache.
+"""Generate responses with the template the run trained with.
 
-Prompts are left-padded so every row's next token sits in the last column, and generation
-stops at the tokenizer's EOS (the token the template trained the model to emit).
+The decoding is sftlab's one engine (`sftlab.infer.engine.BatchEngine`): left-padded batches
+with a KV cache, stopping at EOS and the template's end-of-turn token — the same code that
+`serve`, `chat`, `eval` and the local self-instruct backend run.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from sftlab.data.formats import Conversation, Message
 from sftlab.data.templates import get_template
-from sftlab.infer.engine import stop_tokens
+from sftlab.infer.engine import InferenceModel, SamplingParams
 from sftlab.models.loading import load_for_inference
 
 
@@ -32,7 +33,6 @@ class Generator:
         messages = [Message("user", instruction)] + ([Message("input", input)] if input.strip() else [])
         return get_template(self.template_name, self.tokenizer).render_prompt(Conversation(tuple(messages)))
 
-    @torch.no_grad()
     def generate(
         self,
         prompts: list[tuple[str, str]],
@@ -42,29 +42,22 @@ class Generator:
         batch_size: int = 8,
         seed: int | None = None,
     ) -> list[str]:
-        """Responses to (instruction, input) pairs; greedy when temperature is 0."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        texts = [self.prompt_text(instruction, context) for instruction, context in prompts]
-        device = next(self.model.parameters()).device
-        tokenizer = self.tokenizer
-        # stop at EOS and at the template's end-of-turn token (e.g. chatml's <|im_end|>)
-        stop_ids = sorted(stop_tokens(tokenizer, self.model, get_template(self.template_name, tokenizer))[0])
-        previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        responses: list[str] = []
+        """Responses to (instruction, input) pairs; greedy when temperature is 0 (with a seed,
+        prompt i samples with seed + i). Decoded by the engine `serve` and `chat` use, batch_size
+        rows at a time, stopping at EOS and at the template's end-of-turn token."""
+        inference = InferenceModel.from_model(self.model, self.tokenizer, self.template_name,
+                                              max_batch_size=batch_size, batch_window_ms=0.0)
         try:
-            for start in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-                out = self.model.generate(
-                    **enc, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                    pad_token_id=tokenizer.pad_token_id, **sampling,
-                )
-                new_tokens = out[:, enc["input_ids"].shape[1] :]
-                responses += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            ids = [inference.encode(self.prompt_text(instruction, context)) for instruction, context in prompts]
+            params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     seed=None if seed is None else seed + i) for i in range(len(ids))]
+            done = inference.engine.generate_all(ids, params, self.tokenizer, inference.stop_strings)
         finally:
-            tokenizer.padding_side = previous_side
-        return responses
+            inference.engine.close()
+        failed = next((d.error for d in done if d.error), None)
+        if failed:
+            raise RuntimeError(f"generation failed: {failed}")
+        return [d.text.strip() for d in done]
 
 
 def generate(model_or_run: str, instruction: str, input: str = "", template: str | None = None, **kwargs) -> str:

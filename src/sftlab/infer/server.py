@@ -30,12 +30,13 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sftlab.errors import SftlabError
 from sftlab.infer.engine import (Done, GenerationRequest, InferenceModel, SamplingParams, TextStream, Token,
                                  template_errors)
 
@@ -47,7 +48,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 SHUTDOWN_GRACE_S = 5  # on Ctrl-C / SIGTERM, requests still generating after this are cut off
 
 
-class APIError(Exception):
+class APIError(SftlabError):
     """An error answered as OpenAI-style JSON with an HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
@@ -276,6 +277,288 @@ def _sse(data: dict) -> str:
 # the app
 
 
+class _Service:
+    """What every route of an app shares: the loaded model, the names it answers to, the key."""
+
+    def __init__(self, inference: InferenceModel, name: str, accepted_names: set[str], api_key: str | None):
+        self.inference, self.name, self.accepted_names, self.api_key = inference, name, accepted_names, api_key
+        self.created = int(time.time())
+        # the logits' width: token ids and logit_bias keys are checked against it
+        self.vocab_size = getattr(inference.model.config, "vocab_size", None) or len(inference.tokenizer)
+
+    def check_model(self, body: dict) -> str:
+        requested = body.get("model")
+        if requested is None:
+            raise APIError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
+        if not isinstance(requested, str):
+            raise APIError(400, "'model' must be a string", param="model", code="invalid_type")
+        if requested not in self.accepted_names:
+            raise APIError(404, f"The model `{requested}` does not exist; this server serves `{self.name}`.",
+                           param="model", code="model_not_found")
+        return self.name
+
+    def model_card(self) -> dict:
+        inference = self.inference
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "sftlab",
+                "max_model_len": inference.context, "template": inference.template_name,
+                "sftlab": {"source": inference.source, "run_info": inference.run_info,
+                           "max_batch_size": inference.engine.max_batch_size}}
+
+    def sampling(self, body: dict, prompt_tokens: int, default_max: int | None, chat: bool) -> tuple[list[SamplingParams], int]:
+        """The request's sampling settings, one per choice (n), checked against the context."""
+        context, what = self.inference.context, "messages" if chat else "prompt"
+        if prompt_tokens >= context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, your {what} "
+                           f"resulted in {prompt_tokens} tokens. Please reduce the length.", param=what,
+                           code="context_length_exceeded")
+        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _integer(body, key, low=1)
+        room = context - prompt_tokens
+        if max_tokens is None:
+            max_tokens = room if default_max is None else min(default_max, room)
+        elif prompt_tokens + max_tokens > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                           f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} in the "
+                           "completion). Please reduce the length.", param=key, code="context_length_exceeded")
+        n = _integer(body, "n", 1, MAX_N) or 1
+        seed = _integer(body, "seed")
+        base = dict(
+            max_tokens=max_tokens,
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            logit_bias=_logit_bias(body, self.vocab_size),
+        )
+        # with a seed, choice j samples with seed + j: reproducible, yet the n choices differ
+        return [SamplingParams(seed=None if seed is None else seed + j, **base) for j in range(n)], n
+
+    def render(self, body: dict) -> str:
+        """A chat request's messages in the served model's template."""
+        messages = parse_messages(body.get("messages"))
+        try:
+            return self.inference.chat_prompt(messages)
+        except template_errors() as exc:
+            raise APIError(400, f"the {self.inference.template_name} template cannot format these messages: {exc}",
+                           param="messages", code="invalid_messages") from None
+
+    def completion_prompts(self, body: dict) -> list[list[int]]:
+        """A completion request's prompts as token ids: a string, strings, ids, or lists of ids."""
+        prompt, encode = body.get("prompt"), self.inference.encode
+        if isinstance(prompt, str):
+            return [encode(prompt)]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                return [encode(p) for p in prompt]
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                prompt = [prompt]
+            if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+                   for p in prompt):
+                if any(not 0 <= t < self.vocab_size for p in prompt for t in p):
+                    raise APIError(400, f"'prompt' token ids must be in 0..{self.vocab_size - 1}", param="prompt",
+                                   code="invalid_value")
+                return [list(p) for p in prompt]
+        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of lists "
+                       "of token ids", param="prompt", code="invalid_type")
+
+
+def _service(request: Request) -> _Service:
+    return request.app.state.service
+
+
+async def _authorize(request: Request) -> None:
+    api_key = _service(request).api_key
+    if not api_key:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "Incorrect API key provided." if header else
+                       "Missing API key: send it as 'Authorization: Bearer KEY'.", code="invalid_api_key")
+
+
+async def _read_body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
+                       "aren't using your HTTP library correctly.)", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _usage(prompt_tokens: int, job: _Job) -> dict:
+    completion = sum(job.completion_tokens)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+async def _finished_texts(job: _Job, request: Request) -> list[str]:
+    try:
+        return await job.run(request)
+    except _EngineFailed as exc:
+        raise APIError(500, f"generation failed: {exc}", type="server_error") from None
+
+
+def _event_stream(job: _Job, opening: list[str], chunks, closing: Callable[[], dict] | None) -> StreamingResponse:
+    """Server-sent events: `opening`, then `chunks(index, delta, finish)` for each piece of text
+    as it is generated, then the usage chunk `closing()` (when asked for) and [DONE]."""
+
+    async def events():
+        try:
+            for event in opening:
+                yield event
+            async for i, delta, finish in job.events():
+                for event in chunks(i, delta, finish):
+                    yield event
+            if closing is not None:
+                yield _sse(closing())
+        except _EngineFailed as exc:
+            yield _sse(APIError(500, f"generation failed: {exc}", type="server_error").body())
+        finally:
+            job.cancel()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+public = APIRouter()
+v1 = APIRouter(dependencies=[Depends(_authorize)])  # /v1 and /sftlab: the API key when one is set
+
+
+@public.get("/health")
+async def health(request: Request):
+    return {"status": "ok", "model": _service(request).name}
+
+
+@v1.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [_service(request).model_card()]}
+
+
+@v1.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request):
+    svc = _service(request)
+    if model_id not in svc.accepted_names:
+        raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{svc.name}`.",
+                       param="model", code="model_not_found")
+    return svc.model_card()
+
+
+@v1.get("/sftlab/stats")
+async def stats(request: Request):
+    return _service(request).inference.engine.stats()
+
+
+@v1.post("/sftlab/render")
+async def render_route(request: Request):
+    svc = _service(request)
+    prompt = svc.render(await _read_body(request))
+    return {"prompt": prompt, "prompt_tokens": len(svc.inference.encode(prompt)), "template": svc.inference.template_name}
+
+
+def _check_chat_options(body: dict) -> None:
+    _unsupported(body, "tools", "functions", "logprobs", "top_logprobs", "audio", "prediction")
+    if body.get("tool_choice") not in (None, "none"):
+        raise APIError(400, "'tool_choice' is not supported by sftlab serve", param="tool_choice",
+                       code="unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
+                       code="unsupported_parameter")
+
+
+@v1.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    svc, body = _service(request), await _read_body(request)
+    model = svc.check_model(body)
+    _check_chat_options(body)
+    stream = _boolean(body, "stream")
+    include_usage = _stream_options(body, stream)
+    stop = _stop(body)
+    prompt_ids = svc.inference.encode(svc.render(body))
+    params, n = svc.sampling(body, len(prompt_ids), None, chat=True)
+    job = _Job(svc.inference, [prompt_ids] * n, params, stop)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model, "system_fingerprint": None}
+    if not stream:
+        texts = await _finished_texts(job, request)
+        choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None, "finish_reason": job.finish_reasons[i]} for i, text in enumerate(texts)]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt_ids), job)}
+
+    def chunk(index: int, delta: dict, finish: str | None) -> str:
+        data = {**head, "object": "chat.completion.chunk",
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return _sse({**data, "usage": None} if include_usage else data)
+
+    def chunks(index: int, delta: str, finish: str | None) -> list[str]:
+        return ([chunk(index, {"content": delta}, None)] if delta else []) + ([chunk(index, {}, finish)] if finish else [])
+
+    closing = (lambda: {**head, "object": "chat.completion.chunk", "choices": [],
+                        "usage": _usage(len(prompt_ids), job)}) if include_usage else None
+    return _event_stream(job, [chunk(i, {"role": "assistant", "content": ""}, None) for i in range(n)], chunks, closing)
+
+
+@v1.post("/v1/completions")
+async def completions(request: Request):
+    svc, body = _service(request), await _read_body(request)
+    model = svc.check_model(body)
+    _unsupported(body, "logprobs", "suffix", "best_of")
+    stream = _boolean(body, "stream")
+    include_usage = _stream_options(body, stream)
+    echo = _boolean(body, "echo")
+    stop = _stop(body)
+    prompts = svc.completion_prompts(body)
+    if any(not p for p in prompts):
+        raise APIError(400, "'prompt' is empty (no tokens)", param="prompt", code="invalid_value")
+    params, n = svc.sampling(body, max(map(len, prompts)), COMPLETIONS_DEFAULT_MAX_TOKENS, chat=False)
+    if len(prompts) * n > MAX_N:
+        raise APIError(400, f"at most {MAX_N} completions per request (prompts x n)", param="n", code="invalid_value")
+    rows = [p for p in prompts for _ in range(n)]
+    job = _Job(svc.inference, rows, [params[j] for _ in prompts for j in range(n)], stop)
+    prompt_tokens = sum(map(len, prompts))
+    echoed = [svc.inference.tokenizer.decode(p, skip_special_tokens=False) if echo else "" for p in rows]
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": None}
+    if not stream:
+        texts = await _finished_texts(job, request)
+        choices = [{"index": i, "text": echoed[i] + text, "logprobs": None, "finish_reason": job.finish_reasons[i]}
+                   for i, text in enumerate(texts)]
+        return {**head, "choices": choices, "usage": _usage(prompt_tokens, job)}
+
+    def chunk(index: int, text: str, finish: str | None) -> str:
+        data = {**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+        return _sse({**data, "usage": None} if include_usage else data)
+
+    closing = (lambda: {**head, "choices": [], "usage": _usage(prompt_tokens, job)}) if include_usage else None
+    return _event_stream(job, [chunk(i, text, None) for i, text in enumerate(echoed) if text],
+                         lambda i, delta, finish: [chunk(i, delta, finish)] if delta or finish else [], closing)
+
+
+# -- errors: OpenAI-style JSON, never a stack trace --------------------------------------------
+
+async def _api_error(request: Request, exc: APIError):
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    if exc.status_code == 404:
+        message, code = f"Invalid URL ({request.method} {request.url.path})", "unknown_url"
+    elif exc.status_code == 405:
+        message, code = f"Method {request.method} is not allowed on {request.url.path}", "method_not_allowed"
+    else:
+        message, code = str(exc.detail), None
+    return APIError(exc.status_code, message, code=code).response()
+
+
+async def _unexpected(request: Request, exc: Exception):
+    log.exception("unexpected error on %s", request.url.path)
+    return APIError(500, "The server had an error while processing your request.", type="server_error").response()
+
+
 def create_app(
     model_or_run: str | None = None,
     api_key: str | None = None,
@@ -297,22 +580,9 @@ def create_app(
         if model_or_run is None:
             raise ValueError("create_app needs model_or_run or inference")
         inference = InferenceModel.load(str(model_or_run), template, max_batch_size, batch_window_ms)
-    if api_key is None:
-        api_key = os.environ.get(API_KEY_ENV) or None
     name = model_name or str(model_or_run or inference.source).rstrip("/") or "sftlab"
-    accepted_names = {name, str(model_or_run or inference.source)}
-    created = int(time.time())
-    tokenizer = inference.tokenizer
-    vocab_size = getattr(inference.model.config, "vocab_size", None) or len(tokenizer)  # the logits' width
-
-    async def authorize(request: Request) -> None:
-        if not api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect API key provided." if header else
-                           "Missing API key: send it as 'Authorization: Bearer KEY'.", code="invalid_api_key")
+    service = _Service(inference, name, {name, str(model_or_run or inference.source)},
+                       api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None)
 
     @asynccontextmanager
     async def shutdown(app_: FastAPI):
@@ -321,264 +591,12 @@ def create_app(
             inference.engine.close()
 
     app = FastAPI(title="sftlab serve", version="1", lifespan=shutdown, docs_url=None, redoc_url=None)
-    app.state.inference = inference
-    app.state.model_name = name
-    router = APIRouter(dependencies=[Depends(authorize)])
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 404:
-            message, code = f"Invalid URL ({request.method} {request.url.path})", "unknown_url"
-        elif exc.status_code == 405:
-            message, code = f"Method {request.method} is not allowed on {request.url.path}", "method_not_allowed"
-        else:
-            message, code = str(exc.detail), None
-        return APIError(exc.status_code, message, code=code).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s", request.url.path)
-        return APIError(500, "The server had an error while processing your request.", type="server_error").response()
-
-    async def read_body(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
-                           "aren't using your HTTP library correctly.)", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object", code="invalid_json")
-        return body
-
-    def check_model(body: dict) -> str:
-        requested = body.get("model")
-        if requested is None:
-            raise APIError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
-        if not isinstance(requested, str):
-            raise APIError(400, "'model' must be a string", param="model", code="invalid_type")
-        if requested not in accepted_names:
-            raise APIError(404, f"The model `{requested}` does not exist; this server serves `{name}`.",
-                           param="model", code="model_not_found")
-        return name
-
-    def sampling(body: dict, prompt_tokens: int, default_max: int | None, chat: bool) -> tuple[list[SamplingParams], int]:
-        context = inference.context
-        if prompt_tokens >= context:
-            raise APIError(400, f"This model's maximum context length is {context} tokens. However, your "
-                           f"{'messages' if chat else 'prompt'} resulted in {prompt_tokens} tokens. Please reduce "
-                           "the length.", param="messages" if chat else "prompt", code="context_length_exceeded")
-        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _integer(body, key, low=1)
-        room = context - prompt_tokens
-        if max_tokens is None:
-            max_tokens = room if default_max is None else min(default_max, room)
-        elif prompt_tokens + max_tokens > context:
-            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                           f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
-                           f"{'messages' if chat else 'prompt'}, {max_tokens} in the completion). Please reduce the "
-                           "length.", param=key, code="context_length_exceeded")
-        n = _integer(body, "n", 1, MAX_N) or 1
-        seed = _integer(body, "seed")
-        base = dict(
-            max_tokens=max_tokens,
-            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            logit_bias=_logit_bias(body, vocab_size),
-        )
-        # with a seed, choice j samples with seed + j: reproducible, yet the n choices differ
-        return [SamplingParams(seed=None if seed is None else seed + j, **base) for j in range(n)], n
-
-    def usage(prompt_tokens: int, job: _Job) -> dict:
-        completion = sum(job.completion_tokens)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-    def error_event(exc: Exception) -> str:
-        return _sse(APIError(500, f"generation failed: {exc}", type="server_error").body())
-
-    # -- routes ------------------------------------------------------------------------------
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": name}
-
-    def model_card() -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "sftlab",
-                "max_model_len": inference.context, "template": inference.template_name,
-                "sftlab": {"source": inference.source, "run_info": inference.run_info,
-                           "max_batch_size": inference.engine.max_batch_size}}
-
-    @router.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [model_card()]}
-
-    @router.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str):
-        if model_id not in accepted_names:
-            raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{name}`.",
-                           param="model", code="model_not_found")
-        return model_card()
-
-    @router.get("/sftlab/stats")
-    async def stats():
-        return inference.engine.stats()
-
-    def render(body: dict) -> str:
-        messages = parse_messages(body.get("messages"))
-        try:
-            return inference.chat_prompt(messages)
-        except template_errors() as exc:
-            raise APIError(400, f"the {inference.template_name} template cannot format these messages: {exc}",
-                           param="messages", code="invalid_messages") from None
-
-    @router.post("/sftlab/render")
-    async def render_route(request: Request):
-        body = await read_body(request)
-        prompt = render(body)
-        return {"prompt": prompt, "prompt_tokens": len(inference.encode(prompt)), "template": inference.template_name}
-
-    @router.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request)
-        model = check_model(body)
-        _unsupported(body, "tools", "functions", "logprobs", "top_logprobs", "audio", "prediction")
-        tool_choice = body.get("tool_choice")
-        if tool_choice not in (None, "none"):
-            raise APIError(400, "'tool_choice' is not supported by sftlab serve", param="tool_choice",
-                           code="unsupported_parameter")
-        response_format = body.get("response_format")
-        if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
-                           code="unsupported_parameter")
-        stream = _boolean(body, "stream")
-        include_usage = _stream_options(body, stream)
-        stop = _stop(body)
-        prompt_ids = inference.encode(render(body))
-        params, n = sampling(body, len(prompt_ids), None, chat=True)
-        job = _Job(inference, [prompt_ids] * n, params, stop)
-        completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        if not stream:
-            try:
-                texts = await job.run(request)
-            except _EngineFailed as exc:
-                raise APIError(500, f"generation failed: {exc}", type="server_error") from None
-            choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": None, "finish_reason": job.finish_reasons[i]} for i, text in enumerate(texts)]
-            return {"id": completion_id, "object": "chat.completion", "created": now, "model": model,
-                    "choices": choices, "usage": usage(len(prompt_ids), job), "system_fingerprint": None}
-
-        def chunk(index: int, delta: dict, finish: str | None) -> str:
-            data = {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model,
-                    "system_fingerprint": None,
-                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            if include_usage:
-                data["usage"] = None
-            return _sse(data)
-
-        async def events():
-            try:
-                for i in range(n):
-                    yield chunk(i, {"role": "assistant", "content": ""}, None)
-                async for i, delta, finish in job.events():
-                    if delta:
-                        yield chunk(i, {"content": delta}, None)
-                    if finish:
-                        yield chunk(i, {}, finish)
-                if include_usage:
-                    yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model,
-                                "system_fingerprint": None, "choices": [], "usage": usage(len(prompt_ids), job)})
-            except _EngineFailed as exc:
-                yield error_event(exc)
-            finally:
-                job.cancel()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    def completion_prompts(body: dict) -> list[list[int]]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            return [inference.encode(prompt)]
-        if isinstance(prompt, list) and prompt:
-            if all(isinstance(p, str) for p in prompt):
-                return [inference.encode(p) for p in prompt]
-            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                prompt = [prompt]
-            if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-                   for p in prompt):
-                if any(not 0 <= t < vocab_size for p in prompt for t in p):
-                    raise APIError(400, f"'prompt' token ids must be in 0..{vocab_size - 1}", param="prompt",
-                                   code="invalid_value")
-                return [list(p) for p in prompt]
-        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of lists "
-                       "of token ids", param="prompt", code="invalid_type")
-
-    @router.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request)
-        model = check_model(body)
-        _unsupported(body, "logprobs", "suffix", "best_of")
-        stream = _boolean(body, "stream")
-        include_usage = _stream_options(body, stream)
-        echo = _boolean(body, "echo")
-        stop = _stop(body)
-        prompts = completion_prompts(body)
-        if any(not p for p in prompts):
-            raise APIError(400, "'prompt' is empty (no tokens)", param="prompt", code="invalid_value")
-        params, n = sampling(body, max(map(len, prompts)), COMPLETIONS_DEFAULT_MAX_TOKENS, chat=False)
-        if len(prompts) * n > MAX_N:
-            raise APIError(400, f"at most {MAX_N} completions per request (prompts x n)", param="n", code="invalid_value")
-        rows = [p for p in prompts for _ in range(n)]
-        job = _Job(inference, rows, [params[j] for _ in prompts for j in range(n)], stop)
-        prompt_tokens = sum(map(len, prompts))
-        echoed = [tokenizer.decode(p, skip_special_tokens=False) if echo else "" for p in rows]
-        completion_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        if not stream:
-            try:
-                texts = await job.run(request)
-            except _EngineFailed as exc:
-                raise APIError(500, f"generation failed: {exc}", type="server_error") from None
-            choices = [{"index": i, "text": echoed[i] + text, "logprobs": None, "finish_reason": job.finish_reasons[i]}
-                       for i, text in enumerate(texts)]
-            return {"id": completion_id, "object": "text_completion", "created": now, "model": model,
-                    "choices": choices, "usage": usage(prompt_tokens, job), "system_fingerprint": None}
-
-        def chunk(index: int, text: str, finish: str | None) -> str:
-            data = {"id": completion_id, "object": "text_completion", "created": now, "model": model,
-                    "system_fingerprint": None,
-                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
-            if include_usage:
-                data["usage"] = None
-            return _sse(data)
-
-        async def events():
-            try:
-                for i, text in enumerate(echoed):
-                    if text:
-                        yield chunk(i, text, None)
-                async for i, delta, finish in job.events():
-                    if delta or finish:
-                        yield chunk(i, delta, finish)
-                if include_usage:
-                    yield _sse({"id": completion_id, "object": "text_completion", "created": now, "model": model,
-                                "system_fingerprint": None, "choices": [], "usage": usage(prompt_tokens, job)})
-            except _EngineFailed as exc:
-                yield error_event(exc)
-            finally:
-                job.cancel()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    app.include_router(router)
+    app.state.service, app.state.inference, app.state.model_name = service, inference, name
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.include_router(public)
+    app.include_router(v1)
     return app
 
 

@@ -1,11 +1,12 @@
 """Offline model registry, GGUF conversion and loading."""
 
-from sftlab.models.registry import REGISTRY, ModelNotFoundError, cached_model_dir, resolve_model, sftlab_home
+from sftlab.models.registry import REGISTRY, ModelNotFoundError, cached_model_dir
+from sftlab.paths import sftlab_home
 
 _LAZY = {  # these import torch: loaded on first use
     "pull": "sftlab.models.convert", "load_causal_lm": "sftlab.models.loading",
     "load_for_inference": "sftlab.models.loading", "load_tokenizer": "sftlab.models.loading",
-    "pick_device": "sftlab.models.loading",
+    "pick_device": "sftlab.models.loading", "resolve_model": "sftlab.models.convert",
 }
 
 

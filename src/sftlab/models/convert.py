@@ -81,3 +81,30 @@ def pull(name: str, force: bool = False) -> Path:
                 staging.rename(target)  # same filesystem: atomic, so a killed pull never leaves half a model
             progress.update(task, advance=1, description=f"pull {name}: done")
     return target
+
+
+def resolve_model(model: str, pull_if_missing: bool = True) -> str:
+    """A registry name, a local folder or a hub id -> something from_pretrained can load.
+
+    Registry names are pulled (converted) on first use. A hub id is returned as is: it loads
+    when the network allows and fails with transformers' own message otherwise.
+    """
+    if model in REGISTRY:
+        if not is_pulled(model):
+            if not pull_if_missing:
+                raise ModelNotFoundError(f"model '{model}' is not pulled yet: run `sftlab models pull {model}`")
+            pull(model)
+        return str(cached_model_dir(model))
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ModelNotFoundError(
+                f"{path}: not a Hugging Face model folder (no config.json or adapter_config.json)"
+            )
+        return str(path)
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return model  # a hub id
+    known = ", ".join(REGISTRY)
+    raise ModelNotFoundError(
+        f"model '{model}': not a registered name ({known}), not an existing folder, and not a hub id (owner/name)"
+    )

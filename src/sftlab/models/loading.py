@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from sftlab.models.registry import resolve_model
+from sftlab.errors import ResourceError
+from sftlab.models.convert import resolve_model
 
 RUN_INFO_FILE = "sftlab.json"  # written beside every checkpoint: template, base model, method
 
@@ -15,7 +16,7 @@ RUN_INFO_FILE = "sftlab.json"  # written beside every checkpoint: template, base
 def pick_device(preference: str = "auto") -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
+            raise ResourceError("device: cuda was asked for but torch sees no CUDA device")
         return torch.device("cuda")
     return torch.device("cpu")
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from sftlab.errors import SftlabError
+from sftlab.paths import sftlab_home
 
-class ModelNotFoundError(RuntimeError):
+
+class ModelNotFoundError(SftlabError, RuntimeError):
     """A model name or path that cannot be resolved; the message says how to get it."""
-
-
-def sftlab_home() -> Path:
-    return Path(os.environ.get("SFTLAB_HOME", Path.home() / ".cache" / "sftlab")).expanduser()
 
 
 def _package_dir(package: str) -> Path:
@@ -93,32 +91,3 @@ def is_pulled(name: str) -> bool:
 
 def is_installed(name: str) -> bool:
     return importlib.util.find_spec(REGISTRY[name].package) is not None
-
-
-def resolve_model(model: str, pull_if_missing: bool = True) -> str:
-    """A registry name, a local folder or a hub id -> something from_pretrained can load.
-
-    Registry names are pulled (converted) on first use. A hub id is returned as is: it loads
-    when the network allows and fails with transformers' own message otherwise.
-    """
-    if model in REGISTRY:
-        if not is_pulled(model):
-            if not pull_if_missing:
-                raise ModelNotFoundError(f"model '{model}' is not pulled yet: run `sftlab models pull {model}`")
-            from sftlab.models.convert import pull
-
-            pull(model)
-        return str(cached_model_dir(model))
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise ModelNotFoundError(
-                f"{path}: not a Hugging Face model folder (no config.json or adapter_config.json)"
-            )
-        return str(path)
-    if model.count("/") == 1 and not model.startswith((".", "/")):
-        return model  # a hub id
-    known = ", ".join(REGISTRY)
-    raise ModelNotFoundError(
-        f"model '{model}': not a registered name ({known}), not an existing folder, and not a hub id (owner/name)"
-    )

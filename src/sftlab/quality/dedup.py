@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sftlab.errors import QualityError
 from sftlab.quality import minhash
 
 _NOT_WORD = re.compile(r"[^\w\s]|_")
@@ -113,7 +114,7 @@ def near_duplicates(texts: list[str], threshold: float = 0.7, num_perm: int = NE
                     ngram: int = NEAR_NGRAM, seed: int = 1) -> NearDuplicates:
     """Near-duplicate clusters of texts (see the module docstring)."""
     if not 0 < threshold <= 1:
-        raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
+        raise QualityError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
     seconds = {}
     t0 = time.perf_counter()
     hashes, offsets = minhash.ngram_hashes([minhash.words(t) for t in texts], ngram)
@@ -256,7 +257,7 @@ def similar_instructions(texts: list[str], threshold: float = 0.7, method: str =
                          exact_limit: int = ROUGE_EXACT_LIMIT) -> SimilarInstructions:
     """Best earlier ROUGE-L match of each instruction (see the module docstring); "" never matches."""
     if method not in ("auto", "all", "lsh"):
-        raise ValueError(f"ROUGE-L method must be auto, all or lsh, got {method!r}")
+        raise QualityError(f"ROUGE-L method must be auto, all or lsh, got {method!r}")
     t0 = time.perf_counter()
     n = len(texts)
     if method == "auto":

@@ -42,58 +42,72 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
-from sftlab.data.readers import DataError
-from sftlab.quality.rows import QualityRow, file_kind, load_dataset
+from pydantic import Field, model_validator
+
+from sftlab.data.readers import DataError, file_kind
+from sftlab.quality.rows import QualityRow, load_dataset
+from sftlab.settings import Settings as SettingsBase
 
 DEDUP_KINDS = ("exact", "near", "instruction")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
-@dataclass
-class FilterRules:
-    """The rules of `sftlab filter` (also the keys of a rules YAML file)."""
+class RulesError(DataError):
+    """A rule of `sftlab filter` out of its range (counted under the reason "bad_rules")."""
 
-    dedup: list[str] = field(default_factory=list)  # any of exact, near, instruction
-    near_threshold: float = 0.7
-    rouge_threshold: float = 0.7
-    drop_contaminated: bool = False
-    against: list[str] = field(default_factory=list)
-    builtin_suite: bool = True
-    min_instruction_words: int | None = None
-    max_instruction_words: int | None = None
-    min_response_words: int | None = None
-    max_response_words: int | None = None
-    blacklist: list[str] = field(default_factory=list)
-    ifd_top: float | None = None
-    ifd_model: str | None = None
-    ifd_max_length: int = 512
-    ifd_batch_size: int = 8
-    cap: dict[str, int] = field(default_factory=dict)
-    seed: int = 0
+    def __init__(self, message: str, reason: str = "bad_rules"):
+        super().__init__(message, reason)
 
-    def validate(self) -> "FilterRules":
+
+class FilterRules(SettingsBase):
+    """The rules of `sftlab filter` (also the keys of a rules YAML file); each is an option of
+    the command, whose help text is the description here."""
+
+    error: ClassVar = RulesError
+
+    dedup: list[str] = Field(default_factory=list, description="comma-separated: exact, near, instruction (ROUGE-L)")
+    near_threshold: float = Field(0.7, description="Jaccard for near duplicates")
+    rouge_threshold: float = Field(0.7, description="instruction ROUGE-L threshold")
+    drop_contaminated: bool = Field(False, description="drop rows sharing a 13-gram with eval data")
+    against: list[str] = Field(default_factory=list, description="evaluation file for --drop-contaminated (repeatable)")
+    builtin_suite: bool = Field(True, description="include the built-in eval suite in contamination checks")
+    min_instruction_words: int | None = Field(None, description="drop shorter instructions")
+    max_instruction_words: int | None = Field(None, description="drop longer instructions")
+    min_response_words: int | None = Field(None, description="drop shorter responses")
+    max_response_words: int | None = Field(None, description="drop longer responses")
+    blacklist: list[str] = Field(default_factory=list,
+                                 description="comma-separated words/phrases; rows containing one are dropped")
+    ifd_top: float | None = Field(None, description="keep this top fraction by IFD (0.1 = 10%); needs --ifd-model")
+    ifd_model: str | None = Field(None, description="model for IFD (registry name, HF folder or run directory)")
+    ifd_max_length: int = Field(512, description="token limit for IFD scoring")
+    ifd_batch_size: int = Field(8, description="rows per IFD forward batch")
+    cap: dict[str, int] = Field(default_factory=dict, description="KEY=N: at most N rows per value of a metadata key "
+                                                                   "or column (repeatable)")
+    seed: int = Field(0, description="seed for --cap sampling")
+
+    @model_validator(mode="after")
+    def _check(self) -> FilterRules:
         bad = [d for d in self.dedup if d not in DEDUP_KINDS]
         if bad:
-            raise DataError(f"dedup: unknown kind(s) {', '.join(bad)}; use {', '.join(DEDUP_KINDS)}", "bad_rules")
+            raise RulesError(f"dedup: unknown kind(s) {', '.join(bad)}; use {', '.join(DEDUP_KINDS)}")
         for name in ("near_threshold", "rouge_threshold"):
             if not 0 < getattr(self, name) <= 1:
-                raise DataError(f"{name} must be in (0, 1], got {getattr(self, name)}", "bad_rules")
+                raise RulesError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.ifd_top is not None:
             if not 0 < self.ifd_top <= 1:
-                raise DataError(f"ifd_top is a fraction in (0, 1] (0.1 keeps the top 10%), got {self.ifd_top}", "bad_rules")
+                raise RulesError(f"ifd_top is a fraction in (0, 1] (0.1 keeps the top 10%), got {self.ifd_top}")
             if not self.ifd_model:
-                raise DataError("ifd_top needs ifd_model (a registry name, HF folder or run directory)", "bad_rules")
+                raise RulesError("ifd_top needs ifd_model (a registry name, HF folder or run directory)")
         for name in ("min_instruction_words", "max_instruction_words", "min_response_words", "max_response_words"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise DataError(f"{name} must be >= 0, got {value}", "bad_rules")
+                raise RulesError(f"{name} must be >= 0, got {value}")
         for key, value in self.cap.items():
             if not isinstance(value, int) or value < 0:
-                raise DataError(f"cap {key}={value!r}: the cap must be a whole number >= 0", "bad_rules")
+                raise RulesError(f"cap {key}={value!r}: the cap must be a whole number >= 0")
         return self
 
 
@@ -111,7 +125,7 @@ def load_rules(path: str | Path | None = None, **overrides) -> FilterRules:
             raise DataError(f"{path}: a rules file is a YAML mapping of rule: value", "bad_rules")
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(FilterRules)}
+    known = set(FilterRules.model_fields)
     unknown = sorted(set(data) - known)
     if unknown:
         raise DataError(f"unknown rule(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}", "bad_rules")
@@ -120,7 +134,7 @@ def load_rules(path: str | Path | None = None, **overrides) -> FilterRules:
             data[name] = [x.strip() for x in data[name].split(",") if x.strip()]
     if isinstance(data.get("cap"), (list, tuple)):
         data["cap"] = parse_caps(data["cap"])
-    return FilterRules(**data).validate()
+    return FilterRules(**data)
 
 
 def parse_caps(items) -> dict[str, int]:
@@ -393,7 +407,7 @@ def filter_rows(paths, output: str | Path, rules: FilterRules | None = None, *, 
     Returns the summary: per input, rows read / kept / removed and its output file; removals by
     rule; the paths of the log and the summary.
     """
-    rules = (rules or FilterRules()).validate()
+    rules = rules or FilterRules()
     say = progress or (lambda message: None)
     paths = [str(p) for p in paths]
     outputs, log_path, summary_path = output_plan(paths, output)
@@ -459,7 +473,7 @@ def filter_rows(paths, output: str | Path, rules: FilterRules | None = None, *, 
         "kept": sum(x["kept"] for x in inputs),
         "removed": len(state.removed),
         "removed_by_rule": dict(Counter(x["rule"] for x in state.removed)),
-        "rules": asdict(rules),
+        "rules": rules.model_dump(),
         "log": str(log_path),
         "summary": str(summary_path),
         **extra,

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sftlab.errors import QualityError
+
 WORD = re.compile(r"\w+")
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _ROWS_PER_CHUNK_SHINGLES = 1 << 17  # shingles per signature block (x 64 permutations x 8 bytes = 64 MB)
@@ -67,7 +69,7 @@ def ngram_hashes(token_lists: Sequence[Sequence[str]], n: int) -> tuple[np.ndarr
     least one. n-grams never span two rows.
     """
     if not 1 <= n <= len(_NGRAM_MULT):
-        raise ValueError(f"n-gram size must be 1..{len(_NGRAM_MULT)}")
+        raise QualityError(f"n-gram size must be 1..{len(_NGRAM_MULT)}")
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     flat = word_codes(token_lists)
     starts = np.zeros(len(lengths) + 1, dtype=np.int64)

@@ -147,6 +147,7 @@ def _pct_row(name: str, p: dict) -> list:
 
 
 def render_html(r: dict) -> str:
+    """The quality report as one self-contained HTML page (charts inlined), section by section."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sftlab quality report</title>"
              f"<style>{CSS}</style></head><body><h1>Data quality report</h1>"]
     inputs = [[i["path"], i["format"], i["rows_read"], i["rows_ok"], i["dropped"],
@@ -154,8 +155,22 @@ def render_html(r: dict) -> str:
     parts.append(_table(["file", "format", "rows read", "readable", "unreadable", "reasons"], inputs,
                         ["", "", "num", "num", "num", ""]))
     parts.append(_summary_table_html(r))
+    parts += _lengths_html(r)
+    parts += _metadata_html(r)
+    parts += _duplicates_html(r)
+    parts += _diversity_html(r)
+    parts += _contamination_html(r)
+    parts += _ifd_html(r)
+    parts.append("<h2>Timing</h2>" + _table(["step", "seconds"], [[k, v] for k, v in r["seconds"].items()], ["", "num"]))
+    parts.append("</body></html>")
+    return "\n".join(parts)
 
-    # lengths
+
+
+
+
+def _lengths_html(r: dict) -> list[str]:
+    parts: list[str] = []
     lengths = r["lengths"]
     parts.append("<h2>Lengths</h2>")
     rows = [_pct_row(k.replace("_", " "), lengths[k]) for k in
@@ -178,19 +193,26 @@ def render_html(r: dict) -> str:
         parts.append(f"<h3>Unreadable rows: {r['dropped']['total']}</h3>")
         parts.append(_table(["source", "reason", "detail"],
                             [[d["source"], d["reason"], d["detail"]] for d in r["dropped"]["rows"][:SHOWN]], ["", "", "text"]))
+    return parts
 
-    # metadata
+
+def _metadata_html(r: dict) -> list[str]:
+    parts: list[str] = []
     if r["metadata"]:
         parts.append("<h2>Metadata</h2>")
         for name, section in r["metadata"].items():
             parts.append(f"<h3>{e(name)}: {section['distinct']} distinct values over {section['rows']} rows</h3>")
             chart = metadata_chart(name, section)
             parts.append(_img(chart, name) if chart else _table(["value", "rows"], section["top"], ["", "num"]))
+    return parts
 
-    # duplicates
+
+def _duplicates_html(r: dict) -> list[str]:
+    parts: list[str] = []
     exact = r["exact_duplicates"]
     parts.append(f"<h2>Exact duplicates: {exact['clusters']} clusters, {exact['removable']} removable rows</h2>"
-                 "<p class='muted'>Equal after lowercasing and removing punctuation and extra whitespace.</p>")
+                 "<p class='muted'>Equal after lowercasing and removing punctuation and extra whitespace "
+                 "(<code>sftlab prepare</code> counts only byte-identical rows as duplicates).</p>")
     parts += [_cluster_html(c) for c in exact["list"][:SHOWN]]
     near = r["near_duplicates"]
     parts.append(f"<h2>Near duplicates: {near['clusters']} clusters, {near['removable']} removable rows</h2>"
@@ -207,8 +229,11 @@ def render_html(r: dict) -> str:
         parts.append(_table(["ROUGE-L", "source", "instruction", "earlier", "earlier instruction"],
                             [[x["rouge_l"], x["source"], x["instruction"], x["match_source"], x["match_instruction"]]
                              for x in similar["list"][:SHOWN]], ["num", "", "text", "", "text"]))
+    return parts
 
-    # diversity
+
+def _diversity_html(r: dict) -> list[str]:
+    parts: list[str] = []
     parts.append("<h2>Diversity</h2>")
     distinct = r["diversity"]["distinct"]
     parts.append("<p>Distinct-n of instructions: " + ", ".join(f"{k.replace('_', '-')} = {v}" for k, v in distinct.items()) + "</p>")
@@ -220,8 +245,11 @@ def render_html(r: dict) -> str:
                      f"start with a root verb that has a direct-object noun; {vn['distinct_verbs']} distinct verbs, "
                      f"{vn['distinct_pairs']} distinct verb–noun pairs.</p>")
         parts.append(_img(verb_noun_chart(vn), "verb-noun chart"))
+    return parts
 
-    # contamination
+
+def _contamination_html(r: dict) -> list[str]:
+    parts: list[str] = []
     c = r["contamination"]
     parts.append(f"<h2>Contamination: {c['rows']} rows share a {c['ngram']}-gram with evaluation data</h2>"
                  f"<p class='muted'>{c['eval_items']} evaluation items ({c['eval_ngrams']} distinct {c['ngram']}-grams) "
@@ -230,8 +258,11 @@ def render_html(r: dict) -> str:
         parts.append(_table(["row", "instruction", "evaluation item", "matching n-gram", "n-grams"],
                             [[x["source"], x["instruction"], f"{m['item']}: {m['item_text']}", m["ngram"], m["ngrams"]]
                              for x in c["list"][:SHOWN] for m in x["matches"][:3]], ["", "text", "text", "text", "num"]))
+    return parts
 
-    # IFD
+
+def _ifd_html(r: dict) -> list[str]:
+    parts: list[str] = []
     ifd = r["ifd"]
     parts.append("<h2>Instruction-Following Difficulty (IFD)</h2>")
     if "skipped" in ifd:
@@ -245,9 +276,7 @@ def render_html(r: dict) -> str:
             parts.append("<h3>Highest IFD</h3>" + _table(
                 ["source", "IFD", "loss | instruction", "loss alone"],
                 [[x["source"], x["ifd"], x["conditioned_loss"], x["alone_loss"]] for x in high], ["", "num", "num", "num"]))
-    parts.append("<h2>Timing</h2>" + _table(["step", "seconds"], [[k, v] for k, v in r["seconds"].items()], ["", "num"]))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 def _summary_table_html(r: dict) -> str:
@@ -278,7 +307,7 @@ def summary_lines(r: dict) -> list[list]:
         lines.append([f"rows over {lengths['over_max_length']['max_length']} tokens", lengths["over_max_length"]["count"]])
     lines.append([f"near-empty responses (< {r['near_empty_responses']['min_words']} words)", r["near_empty_responses"]["count"]])
     ex, near, sim = r["exact_duplicates"], r["near_duplicates"], r["similar_instructions"]
-    lines.append(["exact duplicates: clusters / removable", f"{ex['clusters']} / {ex['removable']}"])
+    lines.append(["exact duplicates (normalised text): clusters / removable", f"{ex['clusters']} / {ex['removable']}"])
     lines.append([f"near duplicates (Jaccard >= {near['threshold']}): clusters / removable", f"{near['clusters']} / {near['removable']}"])
     lines.append([f"instructions with ROUGE-L > {sim['threshold']} to an earlier one", f"{sim['flagged']} ({sim['share']:.1%})"])
     d = r["diversity"]

@@ -12,7 +12,6 @@ file order across all inputs (`index`), which decides "the first" of a duplicate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sftlab.data.formats import Conversation
@@ -95,11 +94,3 @@ def load_dataset(paths, format: str = "auto", fields: dict | None = None, keep_r
                                    raw.get(c.source)))
         files.append(FileInfo(str(path), fmt, rows_read, len(conversations), list(dropped), raw, columns))
     return Dataset(rows, files)
-
-
-def file_kind(path: str | Path) -> tuple[str, str | None]:
-    """('.json' | '.jsonl' | '.csv' | '.parquet' | '', '.gz' | '.zst' | None) of a data file name."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    if suffixes and suffixes[-1] in (".gz", ".zst"):
-        return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
-    return (suffixes[-1] if suffixes else ""), None

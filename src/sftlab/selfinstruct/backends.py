@@ -183,94 +183,50 @@ def _message(exc) -> str:
 # in-process model
 
 
-class _PresencePenalty:
-    """OpenAI's presence penalty: subtract `penalty` from every token already in the completion."""
-
-    def __init__(self, penalty: float, prompt_length: int):
-        self.penalty, self.prompt_length = penalty, prompt_length
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        generated = input_ids[:, self.prompt_length:]
-        if generated.shape[1] == 0:
-            return scores
-        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated, True)
-        return scores - self.penalty * seen.to(scores.dtype)
-
-
 class LocalBackend:
-    """A model in this process (registry name, run directory or HF folder), HF generate on raw prompts.
-
-    Requests with the same sampling settings are generated together, batch_size rows at a time
-    (left-padded). Sampling is seeded with the batch's first request seed, so a run is
-    reproducible. Presence penalty is applied as OpenAI defines it.
-    """
+    """A model in this process (registry name, run directory or HF folder) completing raw
+    prompts on sftlab's generation engine (`sftlab.infer.engine.BatchEngine`, the one `serve`
+    uses): batch_size rows at a time, each request with its own seed, presence penalty as
+    OpenAI defines it, stop strings cut, and EOS ending a row."""
 
     def __init__(self, model_or_run: str, batch_size: int = 8, device=None):
+        from sftlab.infer.engine import context_length
         from sftlab.models.loading import load_for_inference
 
         self.source = str(model_or_run)
         self.model, self.tokenizer, self.info = load_for_inference(self.source, device)
         self.batch_size = batch_size
-        config = self.model.config
-        self.context = getattr(config, "max_position_embeddings", None) or 2048
+        self.context = context_length(self.model, self.tokenizer)
 
     def describe(self) -> str:
         return f"local {self.source}"
 
     def complete(self, requests: Sequence[Request]) -> list[Completion]:
+        from sftlab.infer.engine import BatchEngine, SamplingParams
+
+        tokenizer = self.tokenizer
+        ids = [list(tokenizer(r.prompt, add_special_tokens=True)["input_ids"]) for r in requests]
         results: list[Completion | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r.max_tokens, r.temperature, r.top_p, r.presence_penalty, r.stop), []).append(i)
-        for indices in groups.values():
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start:start + self.batch_size]
-                for i, completion in zip(batch, self._generate([requests[i] for i in batch])):
-                    results[i] = completion
-        return results  # type: ignore[return-value]
-
-    def _generate(self, requests: list[Request]) -> list[Completion]:
-        import torch
-        from transformers import LogitsProcessorList
-
-        tokenizer, first = self.tokenizer, requests[0]
-        previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            encoded = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = previous_side
-        prompt_length = encoded["input_ids"].shape[1]
-        room = self.context - prompt_length
-        if room <= 0:
-            message = f"the prompt has {prompt_length} tokens; the model's context is {self.context}"
-            return [Completion("", None, error=message) for _ in requests]
-        max_new = min(first.max_tokens, room)
-        device = next(self.model.parameters()).device
-        if first.seed is not None:
-            torch.manual_seed(first.seed)
-        sampling = ({"do_sample": True, "temperature": first.temperature, "top_p": max(first.top_p, 1e-6)}
-                    if first.temperature > 0 else {"do_sample": False})
-        processors = LogitsProcessorList()
-        if first.presence_penalty:
-            processors.append(_PresencePenalty(first.presence_penalty, prompt_length))
-        extra = {"stop_strings": list(first.stop), "tokenizer": tokenizer} if first.stop else {}
-        with torch.no_grad():
-            output = self.model.generate(
-                **encoded.to(device), max_new_tokens=max_new, logits_processor=processors,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling, **extra)
-        completions = []
-        stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-        for row in output[:, prompt_length:].tolist():
-            ended = next((k for k, t in enumerate(row) if t in stop_ids), None)
-            tokens = row if ended is None else row[:ended]
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = min((text.find(s) for s in first.stop if s in text), default=-1)
-            if cut >= 0:
-                completions.append(Completion(text[:cut], "stop"))
-            elif ended is not None or len(tokens) < max_new:
-                completions.append(Completion(text, "stop"))
+        todo = []
+        for i, prompt in enumerate(ids):
+            if len(prompt) >= self.context:
+                results[i] = Completion("", None, error=f"the prompt has {len(prompt)} tokens; "
+                                                        f"the model's context is {self.context}")
             else:
-                completions.append(Completion(text, "length"))
-        return completions
+                todo.append(i)
+        stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        engine = BatchEngine(self.model, pad, stop_ids, max_batch_size=self.batch_size, batch_window_ms=0.0,
+                             context=self.context)
+        try:
+            for stop in {requests[i].stop for i in todo}:  # one stop list per call (the engine cuts at it)
+                group = [i for i in todo if requests[i].stop == stop]
+                params = [SamplingParams(max_tokens=requests[i].max_tokens, temperature=requests[i].temperature,
+                                         top_p=max(requests[i].top_p, 1e-6), seed=requests[i].seed,
+                                         presence_penalty=requests[i].presence_penalty) for i in group]
+                for i, done in zip(group, engine.generate_all([ids[i] for i in group], params, tokenizer, stop)):
+                    results[i] = (Completion(done.text, None, error=done.error) if done.error
+                                  else Completion(done.text, done.finish_reason))
+        finally:
+            engine.close()
+        return results  # type: ignore[return-value]

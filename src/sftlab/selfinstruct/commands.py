@@ -7,6 +7,10 @@ from typing import Optional
 
 import typer
 
+from sftlab.selfinstruct.backends import OpenAIBackend
+from sftlab.selfinstruct.pipeline import Settings as S
+from sftlab.settings import option
+
 
 def self_instruct_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Alpaca-format JSON to write (and resume)"),
@@ -18,29 +22,26 @@ def self_instruct_cmd(
     chat: bool = typer.Option(False, "--chat", help="use /chat/completions instead of /completions"),
     local: Optional[str] = typer.Option(
         None, "--local", help="generate in-process instead: registry name, run directory or HF model folder"),
-    num: int = typer.Option(100, "--num", help="machine-generated instructions to keep (alpaca mode: rows)"),
-    mode: str = typer.Option("self-instruct", "--mode",
-                             help="self-instruct (8 in-context instructions, instances per task) | alpaca (3 seed "
-                                  "tasks, a set of 20 with one instance each)"),
+    num: int = option(S, "num", "--num"),
+    mode: str = option(S, "mode", "--mode"),
     seed_tasks: Optional[Path] = typer.Option(
         None, "--seed-tasks", help="seed tasks in Self-Instruct's JSONL schema (default: the built-in 115, CC0)"),
-    seed: int = typer.Option(0, "--seed", help="seed for prompt sampling and request seeds"),
-    concurrency: int = typer.Option(4, "--concurrency", help="HTTP requests in flight at once"),
+    seed: int = option(S, "seed", "--seed"),
+    concurrency: int = typer.Option(OpenAIBackend.concurrency, "--concurrency", help="HTTP requests in flight at once"),
     batch: Optional[int] = typer.Option(
         None, "--batch", help="instruction-generation prompts per round, and the --local generate batch "
                               "(default: max(5, concurrency))"),
-    max_tokens: Optional[int] = typer.Option(
-        None, "--max-tokens", help="tokens per instruction-generation response (default 1024; alpaca 3072)"),
-    instance_max_tokens: int = typer.Option(300, "--instance-max-tokens", help="tokens per instance-generation response"),
-    temperature: float = typer.Option(0.7, "--temperature", help="sampling temperature for new instructions (paper: 0.7)"),
-    top_p: float = typer.Option(0.5, "--top-p", help="nucleus sampling for new instructions (paper: 0.5)"),
-    presence_penalty: float = typer.Option(2.0, "--presence-penalty", help="presence penalty for new instructions (paper: 2)"),
-    rouge_threshold: float = typer.Option(0.7, "--rouge-threshold",
-                                          help="drop a new instruction whose ROUGE-L against the pool is above this"),
-    max_retries: int = typer.Option(5, "--max-retries", help="retries per request on 429/5xx/timeouts (exponential back-off)"),
-    timeout: float = typer.Option(120.0, "--timeout", help="seconds per HTTP request"),
-    max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="stop after this many rounds (resumed ones count)"),
-    patience: int = typer.Option(20, "--patience", help="stop after this many rounds in a row that keep nothing"),
+    max_tokens: Optional[int] = option(S, "max_tokens", "--max-tokens"),
+    instance_max_tokens: int = option(S, "instance_max_tokens", "--instance-max-tokens"),
+    temperature: float = option(S, "temperature", "--temperature"),
+    top_p: float = option(S, "top_p", "--top-p"),
+    presence_penalty: float = option(S, "presence_penalty", "--presence-penalty"),
+    rouge_threshold: float = option(S, "rouge_threshold", "--rouge-threshold"),
+    max_retries: int = typer.Option(OpenAIBackend.max_retries, "--max-retries",
+                                    help="retries per request on 429/5xx/timeouts (exponential back-off)"),
+    timeout: float = typer.Option(OpenAIBackend.timeout, "--timeout", help="seconds per HTTP request"),
+    max_rounds: Optional[int] = option(S, "max_rounds", "--max-rounds"),
+    patience: int = option(S, "patience", "--patience"),
     log: Optional[Path] = typer.Option(None, "--log", help="candidate log, JSONL (default: OUTPUT with .log.jsonl)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start again: delete OUTPUT and its log first"),
 ) -> None:
@@ -54,69 +55,70 @@ def self_instruct_cmd(
 
     Example: sftlab self-instruct --api-base http://127.0.0.1:8000/v1 --model tiny --num 1000 -o gen.json
     """
-    import os
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from sftlab.cli import _fail, _user_errors, console
-    from sftlab.selfinstruct.backends import LocalBackend, OpenAIBackend
-    from sftlab.selfinstruct.pipeline import SelfInstruct, Settings
-    from sftlab.selfinstruct.seeds import SelfInstructError
+    from sftlab.terminal import console, fail
 
     if (api_base is None) == (local is None):
-        _fail("give exactly one backend: --api-base URL (an OpenAI-compatible server) or --local MODEL")
+        fail("give exactly one backend: --api-base URL (an OpenAI-compatible server) or --local MODEL")
     if concurrency < 1:
-        _fail(f"--concurrency {concurrency}: must be at least 1")
+        fail(f"--concurrency {concurrency}: must be at least 1")
     if batch is not None and batch < 1:
-        _fail(f"--batch {batch}: must be at least 1")
+        fail(f"--batch {batch}: must be at least 1")
     if local is not None and (chat or model):
-        _fail("--chat and --model apply to --api-base; --local takes the model itself")
+        fail("--chat and --model apply to --api-base; --local takes the model itself")
     prompts_per_round = batch or max(5, concurrency)
-    try:
-        settings = Settings(mode=mode, num=num, seed=seed, prompts_per_round=prompts_per_round, max_tokens=max_tokens,
-                            instance_max_tokens=instance_max_tokens, temperature=temperature, top_p=top_p,
-                            presence_penalty=presence_penalty, rouge_threshold=rouge_threshold, max_rounds=max_rounds,
-                            patience=patience)
-        # a bad seed file fails before any model is loaded
-        from sftlab.selfinstruct.prompts import ALPACA_EXAMPLES, SELF_INSTRUCT_MACHINE, SELF_INSTRUCT_SEED
-        from sftlab.selfinstruct.seeds import load_seed_tasks
+    settings = S.from_options({**locals(), "prompts_per_round": prompts_per_round})
+    # a bad seed file fails before any model is loaded
+    from sftlab.selfinstruct.prompts import ALPACA_EXAMPLES, SELF_INSTRUCT_MACHINE, SELF_INSTRUCT_SEED
+    from sftlab.selfinstruct.seeds import load_seed_tasks
 
-        load_seed_tasks(seed_tasks, minimum=ALPACA_EXAMPLES if mode == "alpaca" else SELF_INSTRUCT_SEED + SELF_INSTRUCT_MACHINE)
-        if api_base is not None:
-            backend = OpenAIBackend(api_base, model=model, api_key=os.environ.get(api_key_env) or None, chat=chat,
-                                    concurrency=concurrency, max_retries=max_retries, timeout=timeout)
-            backend.resolve_model()
-        else:
-            try:
-                backend = LocalBackend(local, batch_size=prompts_per_round)
-            except (OSError, ValueError) as exc:
-                _fail(f"cannot load '{local}': {exc}")
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("self-instruct", total=num, stats="")
+    load_seed_tasks(seed_tasks, minimum=ALPACA_EXAMPLES if mode == "alpaca" else SELF_INSTRUCT_SEED + SELF_INSTRUCT_MACHINE)
+    if api_base is not None:
+        import os
 
-            def show(run: SelfInstruct, stage: str) -> None:
-                c = run.counts
-                stats = f"kept {c.kept} · dropped {c.dropped} · rows {c.rows}"
-                progress.update(task, completed=min(c.kept, num), description=stage, stats=stats)
+        backend = OpenAIBackend(api_base, model=model, api_key=os.environ.get(api_key_env) or None, chat=chat,
+                                concurrency=concurrency, max_retries=max_retries, timeout=timeout)
+        backend.resolve_model()
+    else:
+        from sftlab.selfinstruct.backends import LocalBackend
 
-            run = SelfInstruct(backend, output, settings, seed_tasks, log, overwrite, on_progress=show)
-            if run.resumed_rounds:
-                note = f" ({run.discarded_records} records of an unfinished round dropped)" if run.discarded_records else ""
-                console.print(f"resuming {run.log}: {run.resumed_rounds} rounds, {run.counts.kept} instructions, "
-                              f"{run.counts.rows} rows{note}", highlight=False)
-            show(run, "starting")
-            try:
-                result = run.run()
-            except KeyboardInterrupt:
-                progress.stop()
-                console.print(f"[yellow]interrupted[/]: {run.counts.rounds} rounds are committed in {run.log}; "
-                              "run the same command to continue", highlight=False)
-                raise typer.Exit(130)
-    except (SelfInstructError, *_user_errors()) as exc:
-        _fail(str(exc))
+        try:
+            backend = LocalBackend(local, batch_size=prompts_per_round)
+        except (OSError, ValueError) as exc:
+            fail(f"cannot load '{local}': {exc}")
+    result = _run_with_progress(backend, output, settings, seed_tasks, log, overwrite)
     _print_summary(result, console)
+
+
+def _run_with_progress(backend, output: Path, settings: S, seed_tasks, log, overwrite: bool):
+    """The run under a progress bar (kept instructions of --num); Ctrl-C leaves it resumable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from sftlab.selfinstruct.pipeline import SelfInstruct
+    from sftlab.terminal import console
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("self-instruct", total=settings.num, stats="")
+
+        def show(run: SelfInstruct, stage: str) -> None:
+            c = run.counts
+            stats = f"kept {c.kept} · dropped {c.dropped} · rows {c.rows}"
+            progress.update(task, completed=min(c.kept, settings.num), description=stage, stats=stats)
+
+        run = SelfInstruct(backend, output, settings, seed_tasks, log, overwrite, on_progress=show)
+        if run.resumed_rounds:
+            note = f" ({run.discarded_records} records of an unfinished round dropped)" if run.discarded_records else ""
+            console.print(f"resuming {run.log}: {run.resumed_rounds} rounds, {run.counts.kept} instructions, "
+                          f"{run.counts.rows} rows{note}", highlight=False)
+        show(run, "starting")
+        try:
+            return run.run()
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(f"[yellow]interrupted[/]: {run.counts.rounds} rounds are committed in {run.log}; "
+                          "run the same command to continue", highlight=False)
+            raise typer.Exit(130) from None
 
 
 def _print_summary(result, console) -> None:

@@ -21,9 +21,11 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, Literal, get_args
+
+from pydantic import Field
 
 from sftlab.quality.similarity import RougePool
 from sftlab.selfinstruct import filters as F
@@ -32,39 +34,36 @@ from sftlab.selfinstruct.backends import Backend, Completion, Request
 from sftlab.selfinstruct.parsing import (Item, parse_alpaca, parse_classification, parse_input_first,
                                          parse_numbered_list, parse_output_first)
 from sftlab.selfinstruct.seeds import SeedTask, SelfInstructError, default_seed_path, load_seed_tasks
+from sftlab.settings import Settings as SettingsBase
 
-MODES = ("self-instruct", "alpaca")
+Mode = Literal["self-instruct", "alpaca"]
+MODES = get_args(Mode)
 LOG_VERSION = 1
 
 
-@dataclass
-class Settings:
-    """Everything that shapes a run besides the backend and the files."""
+class Settings(SettingsBase):
+    """Everything that shapes a run besides the backend and the files (each is a
+    `sftlab self-instruct` option; its help text is the description here)."""
 
-    mode: str = "self-instruct"
-    num: int = 100  # machine-generated instructions to keep (alpaca mode: = rows)
-    seed: int = 0
-    prompts_per_round: int = 5  # instruction-generation requests per round
-    max_tokens: int | None = None  # per instruction-generation request (default 1024, alpaca 3072)
-    instance_max_tokens: int = 300
-    temperature: float = 0.7  # the paper's sampling settings for new instructions
-    top_p: float = 0.5
-    presence_penalty: float = 2.0
-    rouge_threshold: float = F.ROUGE_THRESHOLD
-    max_rounds: int | None = None  # stop after this many committed rounds (resumed rounds count)
-    patience: int = 20  # stop after this many rounds in a row that kept nothing
-    max_failed_rounds: int = 3  # rounds in a row whose every request failed before giving up
+    error: ClassVar = SelfInstructError
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise SelfInstructError(f"--mode {self.mode}: use one of {', '.join(MODES)}")
-        for name in ("num", "prompts_per_round", "instance_max_tokens", "patience", "max_failed_rounds"):
-            if getattr(self, name) < 1:
-                raise SelfInstructError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise SelfInstructError(f"max-tokens must be at least 1, got {self.max_tokens}")
-        if not 0 <= self.rouge_threshold <= 1:
-            raise SelfInstructError(f"rouge-threshold must be between 0 and 1, got {self.rouge_threshold}")
+    mode: Mode = Field(
+        "self-instruct", description="self-instruct (8 in-context instructions, instances per task) | alpaca "
+                                     "(3 seed tasks, a set of 20 with one instance each)")
+    num: int = Field(100, ge=1, description="machine-generated instructions to keep (alpaca mode: rows)")
+    seed: int = Field(0, description="seed for prompt sampling and request seeds")
+    prompts_per_round: int = Field(5, ge=1, description="instruction-generation requests per round")
+    max_tokens: int | None = Field(None, ge=1, description="tokens per instruction-generation response "
+                                                           "(default 1024; alpaca 3072)")
+    instance_max_tokens: int = Field(300, ge=1, description="tokens per instance-generation response")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature for new instructions (paper: 0.7)")
+    top_p: float = Field(0.5, gt=0, le=1, description="nucleus sampling for new instructions (paper: 0.5)")
+    presence_penalty: float = Field(2.0, description="presence penalty for new instructions (paper: 2)")
+    rouge_threshold: float = Field(F.ROUGE_THRESHOLD, ge=0, le=1,
+                                   description="drop a new instruction whose ROUGE-L against the pool is above this")
+    max_rounds: int | None = Field(None, ge=1, description="stop after this many rounds (resumed ones count)")
+    patience: int = Field(20, ge=1, description="stop after this many rounds in a row that keep nothing")
+    max_failed_rounds: int = Field(3, ge=1, description="rounds in a row whose every request failed before giving up")
 
     @property
     def generation_max_tokens(self) -> int:
@@ -374,7 +373,7 @@ class SelfInstruct:
         self.seed_instructions = [t.instruction for t in self.seed_tasks]
         self.header = {"type": "header", "version": LOG_VERSION, "mode": self.settings.mode,
                        "seed_tasks": _fingerprint(self.seed_tasks), "seed_source": seed_source,
-                       "backend": backend.describe(), "settings": asdict(self.settings), "started": time.time()}
+                       "backend": backend.describe(), "settings": self.settings.model_dump(), "started": time.time()}
         seed = self.settings.seed
         self.classification_demos = P.classification_demos(self.seed_tasks, seed)
         self.input_first_demos = P.instance_demos(self.seed_tasks, seed, classification=False)

@@ -11,13 +11,15 @@ for sftlab and is released under CC0 1.0 (public domain dedication).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from sftlab.data.readers import json_lines
+from sftlab.errors import SftlabError
 
-class SelfInstructError(Exception):
+
+class SelfInstructError(SftlabError):
     """A user-facing error of `sftlab self-instruct` (bad seed file, unusable log, failing backend)."""
 
 
@@ -90,22 +92,12 @@ def load_seed_tasks(path: str | Path | None = None, minimum: int = 1) -> list[Se
     Raises SeedTaskError naming the line and field of the first problem.
     """
     path = Path(path) if path is not None else default_seed_path()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise SeedTaskError(f"{path}: no such seed-task file") from None
-    except UnicodeDecodeError as exc:
-        raise SeedTaskError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not path.is_file():
+        raise SeedTaskError(f"{path}: no such seed-task file")
     tasks: list[SeedTask] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SeedTaskError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    for where, row in json_lines(path, SeedTaskError):
+        number = int(where.rsplit(":", 1)[1])
         if not isinstance(row, dict):
             raise SeedTaskError(f"{where}: expected a JSON object, got {_type_name(row)}")
         task = _check(row, where)

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from sftlab.config import RunConfig
-from sftlab.data.batching import BatchPlan, batch_order, collate
+from sftlab.data.batching import BatchPlan, batch_order, collate, split_by_tokens
 from sftlab.data.packing import collate_packed, pack_rows, packed_batch_order
 
 
@@ -72,3 +72,27 @@ class RunBatches:
         units = [u for mb in self.micro_batches(step) for u in mb]
         examples = [e for row in units for e in row] if self.config.packing else units
         return [e.source for e in examples]
+
+
+class EvalBatches:
+    """Validation batches: batch_size examples of similar length (shortest first), each cut
+    under the token budget (None: not cut), and of those every ranks-th from `rank` on;
+    collated when used, so nothing is held between. The training loop's validation and
+    `sftlab eval`'s held-out loss use the same batches."""
+
+    def __init__(self, examples, batch_size: int, pad_id: int, budget: int | None = None, rank: int = 0, ranks: int = 1):
+        lengths = getattr(examples, "lengths", None)
+        lengths = np.asarray(lengths if lengths is not None else [len(e) for e in examples], dtype=np.int64)
+        ordered = np.argsort(lengths, kind="stable")
+        groups = []
+        for start in range(0, len(ordered), batch_size):
+            group = ordered[start : start + batch_size]
+            parts = split_by_tokens(lengths[group].tolist(), budget) if budget else [list(range(len(group)))]
+            groups += [group[part].tolist() for part in parts]
+        self.examples, self.pad_id, self.groups = examples, pad_id, groups[rank::ranks]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> dict:
+        return collate([self.examples[i] for i in self.groups[index]], self.pad_id)

@@ -17,16 +17,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
 from sftlab.config import RunConfig, save_config
-from sftlab.data.batching import collate, split_by_tokens
 from sftlab.data.prepare import PreparedData, prepare_data
-from sftlab.errors import NonFiniteLossError
+from sftlab.errors import NonFiniteLossError, ResourceError
 from sftlab.models.loading import load_causal_lm, load_tokenizer
-from sftlab.train.batches import RunBatches
+from sftlab.train.batches import EvalBatches, RunBatches
 from sftlab.train.checkpoint import (
     StashedTokenizer,
     check_resume_config,
@@ -105,27 +103,6 @@ def _scheduler(optimizer, config: RunConfig, total_steps: int):
         "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler, optimizer,
         num_warmup_steps=round(config.warmup_ratio * total_steps), num_training_steps=total_steps,
     )
-
-
-class EvalBatches:
-    """This rank's validation batches: batch_size examples of similar length, cut under the
-    token budget, every world_size-th of them; collated when used (nothing held between)."""
-
-    def __init__(self, examples, batch_size: int, pad_id: int, budget: int, world: World):
-        lengths = getattr(examples, "lengths", None)
-        lengths = np.asarray(lengths if lengths is not None else [len(e) for e in examples], dtype=np.int64)
-        ordered = np.argsort(lengths, kind="stable")
-        groups = []
-        for start in range(0, len(ordered), batch_size):
-            group = ordered[start : start + batch_size]
-            groups += [group[part].tolist() for part in split_by_tokens(lengths[group].tolist(), budget)]
-        self.examples, self.pad_id, self.groups = examples, pad_id, groups[world.rank :: world.size]
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, index: int) -> dict:
-        return collate([self.examples[i] for i in self.groups[index]], self.pad_id)
 
 
 @torch.no_grad()
@@ -242,10 +219,62 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
         world.close()
 
 
-def _train(config: RunConfig, world: World, resume: bool, console: Console, force: bool) -> TrainResult:
-    # -- set up -------------------------------------------------------------------------------
-    if not world.is_main:
-        console = Console(quiet=True)
+@dataclass
+class _Run:
+    """A run set up to train: the data, the model as wrapped for the world, the batches and
+    the optimizer, and where it starts (0, or a checkpoint's step)."""
+
+    config: RunConfig
+    world: World
+    console: Console
+    output_dir: Path
+    memory: PhaseMemory
+    data: PreparedData
+    tokenizer: object
+    module: object  # what runs forward/backward (DDP/FSDP2-wrapped when distributed)
+    model: object  # the unwrapped model (saved at the end)
+    parallelism: str | None
+    plan: object  # the micro-batch token budget
+    batches: RunBatches
+    val_batches: object
+    optimizer: object
+    scheduler: object
+    start_step: int
+    progress: dict  # a checkpoint's validation history
+
+    def validate(self, phase: str = "validation") -> float | None:
+        if not self.data.val:
+            return None
+        with self.memory.phase(phase):
+            return evaluate(self.module, self.val_batches, self.world, self.parallelism, self.tokenizer.pad_token_id)
+
+
+@dataclass
+class _Tracker:
+    """Validation across the run: before training, the best and its step, validations in a row
+    without improvement (early stopping), skipped steps; saved in every checkpoint."""
+
+    val_before: float | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    skipped_steps: int = 0
+    val_after: float | None = None
+
+    def saved(self) -> dict:
+        return {"val_before": self.val_before, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
+                "bad_evals": self.bad_evals, "skipped_steps": self.skipped_steps}
+
+    def observe(self, step: int, val_loss: float) -> bool:
+        """Record a validation; True when it is the best so far."""
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_step, self.bad_evals = val_loss, step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+
+def _setup(config: RunConfig, world: World, resume: bool, console: Console, force: bool) -> _Run:
     output_dir = Path(config.output_dir)
     if world.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -272,103 +301,115 @@ def _train(config: RunConfig, world: World, resume: bool, console: Console, forc
     if resume_from:
         start_step, progress = load_checkpoint(resume_from, module, optimizer, scheduler, config, world)
         console.print(f"resumed from {resume_from} at step {start_step}")
-    val_batches = EvalBatches(data.val, config.batch_size, tokenizer.pad_token_id, plan.tokens, world) if len(data.val) else []
+    val_batches = (EvalBatches(data.val, config.batch_size, tokenizer.pad_token_id, plan.tokens, world.rank, world.size)
+                   if len(data.val) else [])
+    return _Run(config, world, console, output_dir, memory, data, tokenizer, module, model, parallelism, plan, batches,
+                val_batches, optimizer, scheduler, start_step, progress)
 
-    def validate(phase: str = "validation") -> float | None:
-        if not data.val:
-            return None
-        with memory.phase(phase):
-            return evaluate(module, val_batches, world, parallelism, tokenizer.pad_token_id)
 
-    val_before = validate("first validation") if not resume_from else progress.get("val_before")
-    if val_before is not None and not resume_from:
-        console.print(f"validation loss before training: {val_before:.4f}")
-
-    # -- iterate ------------------------------------------------------------------------------
+def _train(config: RunConfig, world: World, resume: bool, console: Console, force: bool) -> TrainResult:
+    if not world.is_main:
+        console = Console(quiet=True)
+    run = _setup(config, world, resume, console, force)
+    batches, memory, output_dir = run.batches, run.memory, run.output_dir
+    if run.start_step:
+        track = _Tracker(**{k: run.progress.get(k) for k in _Tracker().saved() if k in run.progress})
+        track.bad_evals, track.skipped_steps = track.bad_evals or 0, track.skipped_steps or 0
+    else:
+        track = _Tracker(val_before=run.validate("first validation"))
+        if track.val_before is not None:
+            console.print(f"validation loss before training: {track.val_before:.4f}")
     # the optimizer's own list: FSDP2 leaves the root's parameters unsharded after a no-grad
     # forward, so module.parameters() would then name tensors the optimizer does not hold
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    val_after, skipped = None, progress.get("skipped_steps", 0)
-    best_val, best_step, bad_evals = progress.get("best_val_loss"), progress.get("best_step"), progress.get("bad_evals", 0)
-    last_step, stop, held = start_step, StopRequest(), None
-    log = RunLog(output_dir, console, world.is_main, start_step, batches.total_steps)
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    last_step, stop, held = run.start_step, StopRequest(), None
+    log = RunLog(output_dir, console, world.is_main, run.start_step, batches.total_steps)
     with log, stop:
-        for step in range(start_step + 1, batches.total_steps + 1):
+        for step in range(run.start_step + 1, batches.total_steps + 1):
             last_step = step
-            learning_rate = scheduler.get_last_lr()[0]
             with memory.phase("training steps"):
-                done = _step(module, batches.micro_batches(step), batches, plan, world, parallelism, config, console, step)
-                grad_norm = plain_value(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
-                loss_sum = done.loss_sum if not world.distributed else _global(done.loss_sum, world)
-                step_input_tokens = int(world.sum(done.input_tokens))
-                if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-                    skipped += _non_finite(step, batches, world, config, console, optimizer)
-                else:
-                    optimizer.step()
+                record = _optimizer_step(run, step, params, track)
                 if held is None:  # what this rank holds once gradients and optimizer state exist
-                    held = local_state_bytes(module, optimizer)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            log.record({"step": step, "epoch": round(step / batches.steps_per_epoch, 4),
-                        "loss": loss_sum / max(done.trained_tokens, 1), "grad_norm": grad_norm,
-                        "learning_rate": learning_rate, "tokens": done.trained_tokens,
-                        "input_tokens": step_input_tokens}, step_input_tokens)
-
-            # -- validate, log --------------------------------------------------------------------
-            is_last = step == batches.total_steps
-            val_loss = validate() if is_last or (config.eval_steps and step % config.eval_steps == 0) else None
-            stop_early = False
-            if val_loss is not None:
-                if best_val is None or val_loss < best_val:
-                    best_val, best_step, bad_evals = val_loss, step, 0
-                    if config.save_best and config.eval_steps:
-                        with memory.phase("save best"):
-                            _save_final(module, model, tokenizer, config, world, output_dir / "best")
-                else:
-                    bad_evals += 1
-                stop_early = bool(config.early_stopping_patience) and bad_evals >= config.early_stopping_patience
-                is_last = is_last or stop_early
-                val_after = val_loss if is_last else None
-            if step % config.logging_steps == 0 or is_last or val_loss is not None:
-                log.flush(step, val_loss)
-                if val_loss is not None and not is_last:
-                    log.print(f"step {step}: validation loss {val_loss:.4f}" + (" (best)" if best_step == step else ""))
-            log.advance(step)
+                    held = local_state_bytes(run.module, run.optimizer)
+            log.record(record, record["input_tokens"])
+            is_last, stop_early = _validate_and_log(run, step, track, log)
             if stop_early:
-                log.print(f"early stopping at step {step}: no improvement in {bad_evals} validations "
-                          f"(best {best_val:.4f} at step {best_step})")
+                log.print(f"early stopping at step {step}: no improvement in {track.bad_evals} validations "
+                          f"(best {track.best_val_loss:.4f} at step {track.best_step})")
                 break
-
-            # -- checkpoint -----------------------------------------------------------------------
             interrupted = world.any(stop.requested)
             if interrupted or (config.save_steps and step % config.save_steps == 0 and not is_last):
                 log.flush(step)  # metrics.jsonl holds every step the checkpoint holds
                 with memory.phase("save checkpoint"):
-                    folder = save_checkpoint(module, optimizer, scheduler, step, config, tokenizer, world, output_dir, {
-                        "val_before": val_before, "best_val_loss": best_val, "best_step": best_step,
-                        "bad_evals": bad_evals, "skipped_steps": skipped,
-                    })
+                    folder = save_checkpoint(run.module, run.optimizer, run.scheduler, step, config, run.tokenizer,
+                                             world, output_dir, track.saved())
             if interrupted:
                 console.print(f"[yellow]{stop.signal or 'stop signal'} on a rank: stopped after step {step}; "
                               f"checkpoint {folder}. Resume with: sftlab train CONFIG --resume[/]")
-                return _finish(config, world, output_dir, memory, plan, held, log, last_step, start_step, val_before,
-                               None, best_val, best_step, skipped, interrupted=stop.signal or "signal")
-
-    # -- save ---------------------------------------------------------------------------------
-    del optimizer, scheduler, params  # the optimizer state is done with: saving needs the weights only
+                track.val_after = None
+                return _finish(run, held, log, last_step, track, interrupted=stop.signal or "signal")
+    del params
+    run.optimizer = run.scheduler = None  # the optimizer state is done with: saving needs the weights only
     release_freed_memory()
-    if val_after is not None:
-        before = f"{val_before:.4f} -> " if val_before is not None else ""
-        console.print(f"validation loss: {before}{val_after:.4f}")
-    with memory.phase("save final"):
-        _save_final(module, model, tokenizer, config, world, output_dir / "final")
-    if world.is_main:
-        with memory.phase("check saved template"):
-            verify_saved_template(output_dir / "final", data.samples, config.train_on)
-        if world.distributed and not config.cache:
-            shutil.rmtree(output_dir / ".prepared", ignore_errors=True)
-    return _finish(config, world, output_dir, memory, plan, held, log, last_step, start_step, val_before,
-                   val_after, best_val, best_step, skipped)
+    return _save(run, held, log, last_step, track)
+
+
+def _optimizer_step(run: _Run, step: int, params: list, track: _Tracker) -> dict:
+    """One training step (forward/backward over its micro-batches, clip, optimizer step); the
+    step's metrics. A NaN/Inf loss or gradient stops the run or skips the step (on_nan)."""
+    config, world, batches = run.config, run.world, run.batches
+    learning_rate = run.scheduler.get_last_lr()[0]
+    done = _step(run.module, batches.micro_batches(step), batches, run.plan, world, run.parallelism, config,
+                 run.console, step)
+    grad_norm = plain_value(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+    loss_sum = done.loss_sum if not world.distributed else _global(done.loss_sum, world)
+    input_tokens = int(world.sum(done.input_tokens))
+    if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+        track.skipped_steps += _non_finite(step, batches, world, config, run.console, run.optimizer)
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"step": step, "epoch": round(step / batches.steps_per_epoch, 4),
+            "loss": loss_sum / max(done.trained_tokens, 1), "grad_norm": grad_norm, "learning_rate": learning_rate,
+            "tokens": done.trained_tokens, "input_tokens": input_tokens}
+
+
+def _validate_and_log(run: _Run, step: int, track: _Tracker, log: RunLog) -> tuple[bool, bool]:
+    """Validate when it is time (every eval_steps, and at the end), keep the best (save_best),
+    count toward early stopping, write the step's metrics; (is the last step, stop early)."""
+    config = run.config
+    is_last = step == run.batches.total_steps
+    val_loss = run.validate() if is_last or (config.eval_steps and step % config.eval_steps == 0) else None
+    stop_early = False
+    if val_loss is not None:
+        if track.observe(step, val_loss) and config.save_best and config.eval_steps:
+            with run.memory.phase("save best"):
+                _save_final(run.module, run.model, run.tokenizer, config, run.world, run.output_dir / "best")
+        stop_early = bool(config.early_stopping_patience) and track.bad_evals >= config.early_stopping_patience
+        is_last = is_last or stop_early
+        track.val_after = val_loss if is_last else None
+    if step % config.logging_steps == 0 or is_last or val_loss is not None:
+        log.flush(step, val_loss)
+        if val_loss is not None and not is_last:
+            log.print(f"step {step}: validation loss {val_loss:.4f}" + (" (best)" if track.best_step == step else ""))
+    log.advance(step)
+    return is_last, stop_early
+
+
+def _save(run: _Run, held, log: RunLog, last_step: int, track: _Tracker) -> TrainResult:
+    """The final weights, the template check on them, and the summary."""
+    if track.val_after is not None:
+        before = f"{track.val_before:.4f} -> " if track.val_before is not None else ""
+        run.console.print(f"validation loss: {before}{track.val_after:.4f}")
+    with run.memory.phase("save final"):
+        _save_final(run.module, run.model, run.tokenizer, run.config, run.world, run.output_dir / "final")
+    if run.world.is_main:
+        with run.memory.phase("check saved template"):
+            verify_saved_template(run.output_dir / "final", run.data.samples, run.config.train_on)
+        if run.world.distributed and not run.config.cache:
+            shutil.rmtree(run.output_dir / ".prepared", ignore_errors=True)
+    return _finish(run, held, log, last_step, track)
 
 
 def _step(module, micro_batches, batches: RunBatches, plan, world, parallelism, config, console, step):
@@ -382,7 +423,7 @@ def _step(module, micro_batches, batches: RunBatches, plan, world, parallelism, 
             for p in module.parameters():
                 p.grad = None
             if world.device.type != "cuda" or len(pieces) == sum(len(m) for m in micro_batches) or world.distributed:
-                raise RuntimeError(
+                raise ResourceError(
                     f"out of memory at step {step} with micro_batch_tokens {plan.tokens} (max_length "
                     f"{config.max_length}): lower max_length or micro_batch_tokens, set gradient_checkpointing: "
                     "true, or use method: lora"
@@ -411,13 +452,14 @@ def _non_finite(step: int, batches: RunBatches, world: World, config: RunConfig,
     )
 
 
-def _finish(config, world, output_dir, memory, plan, held, log, last_step, start_step, val_before, val_after,
-            best_val, best_step, skipped, interrupted=None) -> TrainResult:
+def _finish(run: _Run, held, log: RunLog, last_step: int, track: _Tracker, interrupted=None) -> TrainResult:
+    world, memory, output_dir = run.world, run.memory, run.output_dir
     seconds = time.perf_counter() - log.started
     result = TrainResult(
-        output_dir=str(output_dir), steps=last_step, final_train_loss=log.last_loss, val_loss_before=val_before,
-        val_loss_after=val_after, best_val_loss=best_val, best_step=best_step, seconds=round(seconds, 2),
-        tokens_per_second=round(log.tokens_per_second, 2), interrupted=interrupted, skipped_steps=skipped,
+        output_dir=str(output_dir), steps=last_step, final_train_loss=log.last_loss, val_loss_before=track.val_before,
+        val_loss_after=track.val_after, best_val_loss=track.best_val_loss, best_step=track.best_step,
+        seconds=round(seconds, 2), tokens_per_second=round(log.tokens_per_second, 2), interrupted=interrupted,
+        skipped_steps=track.skipped_steps,
     )
     memory.close()
     mb = lambda b: round(b / 2**20, 1)
@@ -425,10 +467,10 @@ def _finish(config, world, output_dir, memory, plan, held, log, last_step, start
                           "held_mb": {k: mb(v) for k, v in (held or {}).items()}})
     if log.enabled:
         (output_dir / "train_summary.json").write_text(json.dumps({
-            **asdict(result), "world_size": world.size, "micro_batch_tokens": plan.tokens,
-            "memory": {**memory.summary(), **plan.summary(), "ranks": ranks},
+            **asdict(result), "world_size": world.size, "micro_batch_tokens": run.plan.tokens,
+            "memory": {**memory.summary(), **run.plan.summary(), "ranks": ranks},
         }, indent=2))
         log.console.print(memory.table())
         if not interrupted:
-            log.console.print(f"saved {output_dir / 'final'} ({last_step - start_step} steps in {seconds:.0f}s)")
+            log.console.print(f"saved {output_dir / 'final'} ({last_step - run.start_step} steps in {seconds:.0f}s)")
     return result
