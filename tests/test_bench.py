@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_bench_runs_both_trainers_and_their_first_losses_agree(tiny_model_dir, tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
@@ -43,6 +46,7 @@ def test_quick_bench_runs_both_trainers_and_their_first_losses_agree(tiny_model_
     assert "Where sftlab's peak happens" in (out / "user-settings-quick.md").read_text()
 
 
+@pytest.mark.slow
 def test_ablation_mode_measures_each_variant(tiny_model_dir, tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(

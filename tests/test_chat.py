@@ -38,6 +38,7 @@ def greedy_reply(inference, messages: list[tuple[str, str]], max_tokens: int) ->
     return (stream.text + stream.finish()).strip()
 
 
+@pytest.mark.slow
 def test_a_piped_conversation_with_commands(run_dir, inference, tmp_path):
     first, second = tmp_path / "first.json", tmp_path / "sub" / "second.json"
     lines = ["/system Answer briefly.", "Name a colour.", "And another one?", f"/save {first}", "/reset",

@@ -48,6 +48,7 @@ def test_prepare_and_inspect_write_their_files(tmp_path):
     assert html.count("<section>") == 2 and 'class="t"' in html
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("modle: smollm2-135m-instruct\n")

@@ -112,6 +112,7 @@ print(status('VmHWM') - base)
     return float(out.split()[-1])
 
 
+@pytest.mark.slow
 def test_in_place_embedding_gradient_needs_no_vocabulary_sized_buffer():
     assert _backward_extra_mb(False) > 200  # autograd: a dense 256 MiB gradient, then added
     assert _backward_extra_mb(True) < 50

@@ -40,6 +40,7 @@ def _broken_run(tmp_path, tiny_model_dir):
     return ["prepare", config]
 
 
+@pytest.mark.slow
 def test_an_error_deep_in_a_command_is_one_line_naming_the_place(tmp_path, tiny_model_dir):
     result = _sftlab(*_broken_run(tmp_path, tiny_model_dir))
     assert result.returncode == 1
@@ -47,6 +48,7 @@ def test_an_error_deep_in_a_command_is_one_line_naming_the_place(tmp_path, tiny_
     assert "error:" in result.stdout and "data.jsonl:2" in result.stdout and "on_error: skip" in result.stdout
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
     for how in (["--debug"], []):
         env = {} if how else {"SFTLAB_DEBUG": "1"}

@@ -45,6 +45,7 @@ def _summary(run: Path) -> dict:
     return json.loads((run / "train_summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_heldout_loss_is_the_training_objective_on_the_same_batch(tiny_run, tokenizer):
     config = load_config(tiny_run / "config.yaml")
     examples, where = heldout_examples(config, tokenizer)
@@ -80,6 +81,7 @@ def _reference_kl(base, tuned, batch) -> float:
     return float(kl[mask].mean())
 
 
+@pytest.mark.slow
 def test_kl_is_zero_for_identical_models_and_positive_after_training(tiny_run, tiny_model_dir, tokenizer):
     config = load_config(tiny_run / "config.yaml")
     examples, _ = heldout_examples(config, tokenizer)
@@ -194,6 +196,7 @@ def _sftlab(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_eval_end_to_end(tiny_run, tmp_path):
     out = tmp_path / "cli-report"
     result = _sftlab("eval", tiny_run, "--limit", "3", "--max-new-tokens", "6", "--corpus-samples", "2",
@@ -210,6 +213,7 @@ def test_cli_eval_end_to_end(tiny_run, tmp_path):
     assert "lm-evaluation-harness" in (out / "eval_report.html").read_text()
 
 
+@pytest.mark.slow
 def test_cli_eval_user_errors_are_one_red_line(tmp_path):
     result = _sftlab("eval", tmp_path / "nowhere")
     assert result.returncode == 1

@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
+
 from sftlab.config import load_config
 from sftlab.infer.generate import Generator
 from sftlab.train.loop import train
 from conftest import write_json
 
 
+@pytest.mark.slow
 def test_a_trained_eos_stops_generation(tiny_model_dir, tmp_path):
     data = write_json(tmp_path / "one.json", [{"instruction": "Say hi.", "input": "", "output": "Hi there, friend."}])
     config = load_config(overrides=[
@@ -36,6 +39,7 @@ def test_run_info_records_the_template(tiny_model_dir, tmp_path):
     assert info["template"] == "alpaca" and info["method"] == "full" and info["base_model"] == str(tiny_model_dir)
 
 
+@pytest.mark.slow
 def test_generation_stops_at_the_templates_end_token_when_it_is_not_eos(gemma_tokenizer, tmp_path):
     """A Gemma-style template ends turns with <end_of_turn>, not <eos>: generation must stop there too."""
     from sftlab.data.templates import get_template

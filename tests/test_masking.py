@@ -93,6 +93,7 @@ def test_data_report_counts_tokens_and_trained_tokens(tokenizer, tmp_path):
     assert (len(data.train), len(data.val)) == (1, 1)
 
 
+@pytest.mark.slow
 def test_gemma_masks_exactly_and_keeps_its_bos(gemma_tokenizer):
     tokenizer = gemma_tokenizer
     row = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}

@@ -32,6 +32,7 @@ def test_pieces_take_every_unit_once_longest_first_within_the_budget():
     assert split_by_tokens([4, 4, 4], budget=10**6) == [[0, 1, 2]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True])
 def test_a_step_cut_into_pieces_has_the_same_loss_and_gradients(tiny_model_dir, tokenizer, tmp_path, packing):
     examples = _examples(tiny_model_dir, tokenizer, tmp_path)[:12]
@@ -60,6 +61,7 @@ def test_a_step_cut_into_pieces_has_the_same_loss_and_gradients(tiny_model_dir, 
             assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True])
 def test_training_gives_the_same_losses_and_weights_for_any_budget(tiny_model_dir, tmp_path, packing):
     # Adam divides by the root of the squared gradients: where those are ~0, rounding differences
@@ -80,6 +82,7 @@ def test_training_gives_the_same_losses_and_weights_for_any_budget(tiny_model_di
     assert result.val_loss_after is not None
 
 
+@pytest.mark.slow
 def test_a_config_without_the_key_keeps_its_results(tiny_model_dir, tmp_path):
     """An old-style config (no micro_batch_tokens) trains the same steps as before the key existed:
     the same losses as one forward pass per micro-batch."""
@@ -145,6 +148,7 @@ def _peak_of_training(args: list[str]) -> tuple[float, dict]:
     return summary["memory"]["phases"]["training steps"]["peak_mb"], summary
 
 
+@pytest.mark.slow
 def test_auto_budget_bounds_the_memory_of_a_big_micro_batch(tmp_path, tokenizer):
     """A micro-batch of 48 rows x 256 tokens on a small model: with the auto budget the training
     step's peak stays near the floor; in one piece its activations take hundreds of MB more."""

@@ -52,6 +52,7 @@ def test_packed_batch_has_the_same_loss_and_gradients_as_unpacked(tiny_model_dir
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_without_the_restart_the_objective_changes(smollm2_dir, tiny_model_dir, tokenizer, tmp_path):
     """The equality above is not vacuous: on the real model, the same packed row with plain
     positions (attention leaking across examples) gives a clearly different loss."""
@@ -67,6 +68,7 @@ def test_without_the_restart_the_objective_changes(smollm2_dir, tiny_model_dir, 
     assert abs(float(right) - float(leaky)) / count > 0.01
 
 
+@pytest.mark.slow
 def test_training_with_packing_runs_and_learns(tiny_model_dir, tmp_path):
     result = train(_config(tiny_model_dir, tmp_path, "packing=true", "batch_size=2", "max_steps=30",
                            "learning_rate=3e-3", "warmup_ratio=0"))
@@ -107,6 +109,7 @@ print(hwm() - base)
     return float(out.split()[-1])
 
 
+@pytest.mark.slow
 def test_chunked_loss_bounds_the_extra_memory_of_a_262k_vocabulary():
     full, chunked, fused = _peak_extra_mb("full"), _peak_extra_mb("chunked"), _peak_extra_mb("fused")
     # full logits: 1024 x 262144 fp32 = 1 GiB, plus their gradient; chunks of 128 rows: 128 MiB each

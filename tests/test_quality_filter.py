@@ -158,6 +158,7 @@ def _sftlab(*args, cwd=ROOT):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_quality_and_filter(tmp_path):
     report = tmp_path / "report" / "quality.html"
     proc = _sftlab("quality", ROWS, "--report", report, "--against", EVAL, "--no-builtin-suite", "--no-diversity")

@@ -39,6 +39,7 @@ def straight_run(tiny_model_dir, tmp_path_factory):
     return folder / "run"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches(tiny_model_dir, tmp_path, straight_run):
     config = write_config(tmp_path, tiny_model_dir, max_steps=8, save_steps=1, keep_last_checkpoints=2)
     run = tmp_path / "run"
@@ -58,6 +59,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_matches(tiny_model_dir, t
     _same_as(straight_run, run)
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_is_bit_identical(tiny_model_dir, tmp_path, straight_run):
     """Killed three times — in the middle of writing a checkpoint, then twice at a random moment
     — and resumed each time: the same losses and weights as the run never interrupted."""
@@ -96,6 +98,7 @@ def _config(tiny_model_dir, run, *extra):
     ])
 
 
+@pytest.mark.slow
 def test_a_corrupted_checkpoint_is_skipped_and_a_changed_config_refused(tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     config = _config(tiny_model_dir, run)
@@ -123,6 +126,7 @@ def test_a_corrupted_checkpoint_is_skipped_and_a_changed_config_refused(tiny_mod
         assert torch.equal(uninterrupted[name], resumed[name]), name
 
 
+@pytest.mark.slow
 def test_force_resumes_despite_a_changed_config(tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     train(_config(tiny_model_dir, run, "max_steps=4"))

@@ -165,6 +165,7 @@ def tiny_server(tiny_model_dir, tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.slow
 def test_cli_against_sftlab_serve_with_the_random_tiny_model_then_resume(tiny_server, tmp_path):
     out = tmp_path / "gen.json"
     args = ["self-instruct", "--api-base", tiny_server.base_url, "--num", 3, "-o", out, "--max-tokens", 16,
@@ -191,6 +192,7 @@ def test_cli_against_sftlab_serve_with_the_random_tiny_model_then_resume(tiny_se
     assert sum(r["type"] == "instruction" for r in recs) == 12
 
 
+@pytest.mark.slow
 def test_pipeline_over_http_keeps_rows_with_the_chain_model(tokenizer, tmp_path_factory, tmp_path):
     from sftlab.selfinstruct import OpenAIBackend, Settings, run_self_instruct
 
@@ -223,6 +225,7 @@ def test_pipeline_over_http_keeps_rows_with_the_chain_model(tokenizer, tmp_path_
     assert chat_result.summary["requests"]["instructions"] >= 2 and not any(chat_result.summary["failed_requests"].values())
 
 
+@pytest.mark.slow
 def test_local_backend_with_the_tiny_model(tiny_model_dir, tmp_path):
     out = tmp_path / "local.json"
     result = sftlab("self-instruct", "--local", tiny_model_dir, "--num", 2, "-o", out, "--max-tokens", 12,

@@ -361,6 +361,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_the_sftlab_serve_command(run_dir, client):
     port = _free_port()
     env = {**os.environ, "SFTLAB_API_KEY": KEY}

@@ -175,6 +175,7 @@ print(len(data.train), int(hwm.split()[1]) // 1024)
 """
 
 
+@pytest.mark.slow
 def test_preparing_keeps_memory_flat_in_the_number_of_rows(tiny_model_dir, tmp_path):
     """5k and 50k rows: the peak RSS differs by far less than the ~2.5 KB a row that keeping
     every example in memory cost."""
@@ -245,6 +246,7 @@ def _same_store(a: Path, b: Path) -> None:
     assert report_a == report_b
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_resumes_and_ends_with_the_same_store(tiny_model_dir, tmp_path):
     data = _messy_sources(tmp_path)
     straight = _prepare(tmp_path / "straight", data, tiny_model_dir)
@@ -262,6 +264,7 @@ def test_a_killed_prepare_resumes_and_ends_with_the_same_store(tiny_model_dir, t
     _same_store(straight_store, Path(folder))
 
 
+@pytest.mark.slow
 def test_num_proc_1_and_2_give_identical_stores(tiny_model_dir, tmp_path):
     data = _messy_sources(tmp_path)
     one = _prepare(tmp_path / "one", data, tiny_model_dir, "num_proc=1")
@@ -270,6 +273,7 @@ def test_num_proc_1_and_2_give_identical_stores(tiny_model_dir, tmp_path):
     _same_store(Path(one.stdout.split()[0]), Path(two.stdout.split()[0]))
 
 
+@pytest.mark.slow
 def test_num_proc_2_gives_the_same_store_with_the_tokenizers_own_template(tiny_model_dir, tmp_path):
     """Workers get only the Rust tokenizer for the built-in templates, the whole tokenizer for
     a Jinja template: both give the store of one process."""
@@ -290,6 +294,7 @@ print(json.dumps({"cache": data.report["cache"], "rows": len(data.train), "key":
 """
 
 
+@pytest.mark.slow
 def test_a_second_prepare_is_a_cache_hit_that_loads_no_tokenizer_and_an_edit_is_a_miss(tiny_model_dir, tmp_path):
     import os
 

@@ -101,6 +101,7 @@ def test_plain_text_trains_every_token_and_ends_with_eos(tokenizer):
     assert np.all(example.labels == example.input_ids)
 
 
+@pytest.mark.slow
 def test_chatml_refuses_a_tokenizer_without_im_end(gemma_tokenizer):
     from sftlab.data.templates import TemplateError
 

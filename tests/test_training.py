@@ -147,6 +147,7 @@ def test_one_batch_of_8_equals_4_micro_batches_of_2(tiny_model_dir, tokenizer, t
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_accumulation_in_the_loop_logs_the_same_first_step_loss(tiny_model_dir, tmp_path):
     # without length grouping both runs put the same 8 examples into step 1
     one = train(_config(tiny_model_dir, tmp_path / "a", "batch_size=8", "max_steps=1", "group_by_length=false"))
@@ -157,6 +158,7 @@ def test_accumulation_in_the_loop_logs_the_same_first_step_loss(tiny_model_dir, 
     assert abs(first[0]["loss"] - first[1]["loss"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_training_lowers_held_out_response_loss(tiny_model_dir, tmp_path):
     result = train(_config(tiny_model_dir, tmp_path, "learning_rate=3e-3", "max_steps=30", "batch_size=4", "warmup_ratio=0"))
     assert result.val_loss_after < result.val_loss_before - 1.0
@@ -179,6 +181,7 @@ def test_full_checkpoint_loads_in_plain_transformers_with_the_template(tiny_mode
     assert loss == pytest.approx(result.val_loss_after, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_saves_a_peft_checkpoint(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
@@ -191,6 +194,7 @@ def test_lora_trains_only_adapters_and_saves_a_peft_checkpoint(tiny_model_dir, t
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # adapters moved from their zero init
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tiny_model_dir, tmp_path):
     common = ["max_steps=6", "batch_size=4", "learning_rate=1e-3", "save_steps=3"]
     straight = train(_config(tiny_model_dir, tmp_path / "straight", *common))
