@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 SFTLAB := $(VENV)/bin/sftlab
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install demo test test-fast bench bench-scaling bench-prepare clean
+.PHONY: install demo test test-fast bench bench-scaling bench-prepare check-gguf clean
 
 install: $(STAMP)
 
@@ -48,5 +48,14 @@ bench-scaling: install
 bench-prepare: install
 	$(PY) bench/prepare_scale.py
 
+# the exported GGUF in llama.cpp itself (llama-cpp-python, built from source into its own venv,
+# several minutes the first time) against transformers on the exported folder: greedy answers
+check-gguf: install
+	test -f runs/demo/final/sftlab.json || $(MAKE) demo
+	$(PY) -m sftlab export runs/demo -o runs/demo-export --gguf q8_0 --ollama
+	test -x .venv-llamacpp/bin/python || (python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install -q llama-cpp-python)
+	$(PY) bench/check_gguf.py hf runs/demo-export > runs/demo-export/hf_answers.json
+	.venv-llamacpp/bin/python bench/check_gguf.py llama runs/demo-export runs/demo-export/hf_answers.json
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-llamacpp runs .pytest_cache

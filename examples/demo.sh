@@ -39,3 +39,6 @@ PY
 
 echo; echo "== 5. evaluate: held-out loss, instruction following (a quick 20-prompt slice), forgetting"
 "$SFTLAB" eval "$RUN" --limit "${EVAL_LIMIT:-20}" --max-new-tokens 64 --side-by-side 3
+
+echo; echo "== 6. export: merged Hugging Face folder with the training template as its chat_template, GGUF + Ollama Modelfile"
+"$SFTLAB" export "$RUN" -o "${RUN}-export" --gguf q8_0 --ollama

@@ -272,6 +272,32 @@ def generate_cmd(
     console.print(response, highlight=False, markup=False)
 
 
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="run directory, checkpoint folder or final/"),
+    output: Path = typer.Option(..., "-o", "--output", help="folder to write (a plain Hugging Face model folder)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16 (default: the base model's)"),
+    gguf: Optional[str] = typer.Option(None, "--gguf", help="also write a GGUF file: f32, f16, bf16, q8_0, q4_0, "
+                                                              "q4_1, q5_0, q5_1 (llama.cpp, Ollama)"),
+    ollama: bool = typer.Option(False, "--ollama", help="also write an Ollama Modelfile for the GGUF (needs --gguf)"),
+) -> None:
+    """Export a run as a model that behaves the same outside sftlab: LoRA merged, the training template as the
+    tokenizer's chat_template, every end token in generation_config.json, a model card; optionally GGUF + Modelfile.
+
+    Example: sftlab export runs/demo -o out/demo --gguf q8_0 --ollama
+    """
+    from sftlab.export import export
+
+    result = export(run, output, dtype=dtype, gguf=gguf, ollama=ollama,
+                    say=lambda text: console.print(f"[dim]· {text}[/]", highlight=False))
+    console.print(f"exported {run} -> {result['folder']} ({result['dtype']}; stops at {result['eos_token_id']}) "
+                  f"in {result['seconds']:.1f} s", highlight=False)
+    if "gguf" in result:
+        console.print(f"GGUF: {result['gguf']} ({result['gguf_bytes'] / 2**20:.1f} MB)", highlight=False)
+    if "modelfile" in result:
+        console.print(f"Ollama: ollama create NAME -f {result['modelfile']}", highlight=False)
+
+
 # Verbs of the other stages live beside their code; each module exposes register(app).
 STAGE_COMMANDS = (
     "sftlab.eval.commands", "sftlab.infer.commands", "sftlab.selfinstruct.commands", "sftlab.quality.commands",

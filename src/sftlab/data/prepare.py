@@ -664,6 +664,8 @@ class _Preparation:
             self.seen.add(digest)
         if self.checked < CONSISTENCY_SAMPLE:
             self.checked += 1
+            if all(m.role != "text" for m in conversation.messages):  # the Jinja text is what export writes
+                self.template.check_jinja(conversation)
             if config.train_on != "all" and any(m.role == "assistant" for m in conversation.messages):
                 check_consistency(self.template, self.tokenizer, conversation, config.train_on)
                 self.samples.append(conversation)

@@ -66,12 +66,54 @@ def _merge_inputs(messages: tuple[Message, ...]) -> list[Message]:
     return out
 
 
+CHAT_TEMPLATES = Path(__file__).with_name("chat_templates")  # the built-in templates, as Jinja
+
+
+def render_jinja(source: str, messages, add_generation_prompt: bool, **special_tokens) -> str:
+    """A Jinja chat template rendered as transformers' apply_chat_template renders it (sandboxed,
+    trim_blocks, lstrip_blocks), for messages of (role, content) or Message."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    compiled = _COMPILED.get(source)
+    if compiled is None:
+        compiled = _COMPILED[source] = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
+    items = [{"role": m.role, "content": m.content} if isinstance(m, Message) else {"role": m[0], "content": m[1]}
+             for m in messages]
+    return compiled.render(messages=items, add_generation_prompt=add_generation_prompt, **special_tokens)
+
+
+_COMPILED: dict[str, object] = {}
+
+
 class Template:
-    """A chat template: `render_messages` draws text; spans come from rendering prefixes."""
+    """A chat template: `render_messages` draws text; spans come from rendering prefixes.
+
+    `jinja` is the template as a Hugging Face chat template (what `sftlab export` writes into
+    the tokenizer config). The built-in templates (alpaca, chatml) are defined by their Jinja
+    files in `chat_templates/`; their Python `render_messages` is a fast path that
+    `check_jinja` holds to the Jinja text on sample rows of every prepare (and the tests on
+    every fixture)."""
 
     name = "template"
     end_token: str = ""  # closes every assistant turn; trained
     eos_token: str = ""  # ends plain-text (pre-training style) examples
+
+    @property
+    def jinja(self) -> str:
+        return (CHAT_TEMPLATES / f"{self.name}.jinja").read_text()
+
+    def check_jinja(self, conversation: Conversation) -> None:
+        """TemplateConsistencyError unless the Jinja text renders this conversation (and its
+        inference prompt) exactly as `render_messages` does."""
+        source = self.jinja
+        for messages, generation in ((conversation.messages, False), (conversation.prompt_messages(), True)):
+            ours = self.render_messages(messages, generation)
+            theirs = render_jinja(source, messages, generation, eos_token=self.eos_token)
+            if ours != theirs:
+                at = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                raise TemplateConsistencyError(
+                    f"{conversation.source}: template '{self.name}' renders differently from its Jinja text "
+                    f"from character {at}: {ours[max(0, at - 30): at + 30]!r} vs {theirs[max(0, at - 30): at + 30]!r}")
 
     def render_messages(self, messages: tuple[Message, ...], add_generation_prompt: bool) -> str:
         raise NotImplementedError
@@ -187,6 +229,13 @@ class JinjaTemplate(Template):
         if source is None and not tokenizer.chat_template:
             raise TemplateError("template 'tokenizer': this tokenizer has no chat template; use alpaca or chatml")
         self.end_token = self._find_end_token()
+
+    @property
+    def jinja(self) -> str:
+        return self.source or self.tokenizer.chat_template
+
+    def check_jinja(self, conversation: Conversation) -> None:
+        """Rendered by transformers from the Jinja text itself: nothing to compare."""
 
     def render_messages(self, messages, add_generation_prompt):
         dicts = [{"role": m.role, "content": m.content} for m in _merge_inputs(messages)]
