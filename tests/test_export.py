@@ -312,3 +312,29 @@ def test_the_export_command(full_chatml, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "cli" / "Modelfile").read_text().startswith("FROM ./cli-q8_0.gguf")
     assert "exported" in result.stdout and "ollama create" in result.stdout
+
+
+@pytest.mark.slow
+def test_gemma3_layout_reads_back_with_the_same_logits(tmp_path, tokenizer):
+    """Gemma 3's GGUF layout (norms stored as 1 + w, no q/k permutation, key/value lengths,
+    sliding window) on a tiny Gemma 3 with SmolLM2's small tokenizer, so the file stays small;
+    the real Gemma tokenizer (SentencePiece-style, 262k tokens) reads back identically too, but
+    takes minutes in transformers' GGUF reader."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                              query_pre_attn_scalar=256, sliding_window=512, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config.architectures = ["Gemma3ForCausalLM"]
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():  # norms away from their zero init, so a missing +1 / -1 would show
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    path = write_gguf(tmp_path, "f32", say=lambda text: None)
+    from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+    assert torch.allclose(_logits(model.eval(), tokenizer), _logits(from_gguf, tokenizer), atol=1e-4)

@@ -19,7 +19,7 @@ import numpy as np
 from sftlab.errors import SftlabError
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-ARCHITECTURES = {"LlamaForCausalLM": "llama"}  # what this writer knows how to lay out
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3"}  # what this writer lays out
 
 
 class GGUFExportError(SftlabError):
@@ -84,9 +84,10 @@ def write_gguf(folder: str | Path, kind: str, say=print) -> Path:
     path = folder / f"{name}-{kind}.gguf"
     say(f"writing {path.name} ({arch}, {kind})")
     writer = gguf.GGUFWriter(str(path), arch)
-    _metadata(writer, config, name, kind)
-    _tokenizer(writer, tokenizer, folder)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    _metadata(writer, config, name, kind, arch)
+    _tokenizer(writer, tokenizer, folder, arch)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GEMMA3,
+                                     config.num_hidden_layers)
     qtype = _qtype(kind)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, data in _tensors(folder):
@@ -95,10 +96,12 @@ def write_gguf(folder: str | Path, kind: str, say=print) -> Path:
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise GGUFExportError(f"{hf_name}: no GGUF name for this tensor in the {arch} layout")
-        if hf_name.endswith("q_proj.weight"):
+        if arch == "llama" and hf_name.endswith("q_proj.weight"):
             data = _permute(data, config.num_attention_heads, config.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
+        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
             data = _permute(data, config.num_attention_heads, config.num_key_value_heads)
+        elif arch == "gemma3" and hf_name.endswith("norm.weight"):
+            data = data + 1  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w
         _add(writer, gguf_name, data, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -120,7 +123,7 @@ def _add(writer, name: str, data: np.ndarray, qtype) -> None:
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
-def _metadata(writer, config, name: str, kind: str) -> None:
+def _metadata(writer, config, name: str, kind: str, arch: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
     writer.add_file_type(_file_type(kind))
@@ -130,47 +133,73 @@ def _metadata(writer, config, name: str, kind: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(_rope_theta(config)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    else:  # gemma3: the local (sliding) layers' rope base and their pattern are llama.cpp's defaults
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_sliding_window(config.sliding_window)
 
 
 def _rope_theta(config) -> float:
+    """The (global) rope base: rope_theta, or the full-attention layers' in rope_parameters."""
     theta = getattr(config, "rope_theta", None)
     if theta is None:
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        parameters = getattr(config, "rope_parameters", None) or {}
+        parameters = parameters.get("full_attention", parameters)
+        theta = parameters.get("rope_theta", 10000.0)
     return theta
 
 
-def _tokenizer(writer, tokenizer, folder: Path) -> None:
-    """A byte-level BPE tokenizer ("gpt2" in GGUF terms): tokens by id, their types, merges,
-    special ids, and the chat template the export wrote."""
+def _tokenizer(writer, tokenizer, folder: Path, arch: str) -> None:
+    """The tokenizer: tokens by id, their types, merges, special ids and the chat template. A
+    byte-level BPE (SmolLM2) is "gpt2" in GGUF terms; a SentencePiece-style BPE with byte
+    fallback (Gemma 3) is "llama", with each token's score the rank of the merge that makes it
+    (the order llama.cpp merges in) and the merges themselves (what transformers reads back)."""
     import gguf
 
     spec = json.loads((folder / "tokenizer.json").read_text())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        raise GGUFExportError(f"the tokenizer is {model.get('type')}; GGUF export writes byte-level BPE tokenizers only")
+        raise GGUFExportError(f"the tokenizer is {model.get('type')}; GGUF export writes BPE tokenizers only")
     size = max(len(tokenizer), max(model["vocab"].values()) + 1)
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
+    spm = bool(model.get("byte_fallback"))
     for token, index in model["vocab"].items():
-        tokens[index], types[index] = token, gguf.TokenType.NORMAL
+        tokens[index] = token
+        is_byte = spm and len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+        types[index] = gguf.TokenType.BYTE if is_byte else gguf.TokenType.NORMAL
     for added in spec.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
         types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
+    pairs = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    merges = [" ".join(pair) for pair in pairs]
+    writer.add_tokenizer_model("llama" if spm else "gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    if spm:
+        scores = [0.0] * size
+        index_of = {t: i for i, t in enumerate(tokens)}
+        seen = set()
+        for rank, (left, right) in enumerate(pairs):
+            merged = left + right
+            if merged in index_of and merged not in seen:
+                seen.add(merged)
+                scores[index_of[merged]] = -float(rank + 1)
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(False)
     writer.add_token_merges(merges)
     for setter, value in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
                           (writer.add_unk_token_id, tokenizer.unk_token_id), (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if value is not None:
             setter(value)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)) or
+                             (spm and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
