@@ -53,6 +53,7 @@ bench-prepare: install
 check-gguf: install
 	test -f runs/demo/final/sftlab.json || $(MAKE) demo
 	$(PY) -m sftlab export runs/demo -o runs/demo-export --gguf q8_0 --ollama
+	$(PY) -c "from sftlab.gguf_export import write_gguf; write_gguf('runs/demo-export', 'f32')"
 	test -x .venv-llamacpp/bin/python || (python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install -q llama-cpp-python)
 	$(PY) bench/check_gguf.py hf runs/demo-export > runs/demo-export/hf_answers.json
 	.venv-llamacpp/bin/python bench/check_gguf.py llama runs/demo-export runs/demo-export/hf_answers.json

