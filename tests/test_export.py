@@ -338,3 +338,26 @@ def test_gemma3_layout_reads_back_with_the_same_logits(tmp_path, tokenizer):
     path = write_gguf(tmp_path, "f32", say=lambda text: None)
     from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
     assert torch.allclose(_logits(model.eval(), tokenizer), _logits(from_gguf, tokenizer), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_gemma3_lora_export_is_the_base_plus_adapter_merged(tmp_path, tokenizer):
+    """The merge on Gemma 3 (its own attention and norm modules), a tiny one on SmolLM2's tokenizer."""
+    from peft import PeftModel
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    config.architectures = ["Gemma3ForCausalLM"]
+    base_dir = tmp_path / "tiny-gemma3"
+    Gemma3ForCausalLM(config).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    run = _run(base_dir, tmp_path / "run", "method=lora", "template=alpaca")
+    export(run, tmp_path / "out", say=lambda text: None)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run / "final").eval()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(exported).__name__ == "Gemma3ForCausalLM"
+    assert torch.allclose(_logits(adapted, tokenizer), _logits(exported, tokenizer), atol=1e-4)
