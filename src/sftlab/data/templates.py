@@ -19,6 +19,7 @@ token (EOS for alpaca), which is trained so generation stops.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,11 @@ def render_jinja(source: str, messages, add_generation_prompt: bool, **special_t
 _COMPILED: dict[str, object] = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _builtin_jinja(name: str) -> str:
+    return (CHAT_TEMPLATES / f"{name}.jinja").read_text()
+
+
 class Template:
     """A chat template: `render_messages` draws text; spans come from rendering prefixes.
 
@@ -100,7 +106,7 @@ class Template:
 
     @property
     def jinja(self) -> str:
-        return (CHAT_TEMPLATES / f"{self.name}.jinja").read_text()
+        return _builtin_jinja(self.name)
 
     def check_jinja(self, conversation: Conversation) -> None:
         """TemplateConsistencyError unless the Jinja text renders this conversation (and its
@@ -119,8 +125,14 @@ class Template:
         raise NotImplementedError
 
     def render_prompt(self, conversation: Conversation) -> str:
-        """The inference prompt: the conversation up to its last response, plus the generation prompt."""
-        return self.render_messages(conversation.prompt_messages(), True)
+        """The inference prompt: the conversation up to its last response, plus the generation
+        prompt, rendered from the template's Jinja text (what an exported model's chat template
+        renders; training's fast renderer is held to the same text)."""
+        return self.generation_prompt(conversation.prompt_messages())
+
+    def generation_prompt(self, messages: tuple[Message, ...]) -> str:
+        """`messages` and the start of the assistant's reply, from the Jinja text."""
+        return render_jinja(self.jinja, messages, True, eos_token=self.eos_token)
 
     def render(self, conversation: Conversation, train_on: str = "assistant") -> Rendered:
         messages = conversation.messages
@@ -237,6 +249,9 @@ class JinjaTemplate(Template):
     def check_jinja(self, conversation: Conversation) -> None:
         """Rendered by transformers from the Jinja text itself: nothing to compare."""
 
+    def generation_prompt(self, messages: tuple[Message, ...]) -> str:
+        return self.render_messages(messages, True)
+
     def render_messages(self, messages, add_generation_prompt):
         dicts = [{"role": m.role, "content": m.content} for m in _merge_inputs(messages)]
         return self.tokenizer.apply_chat_template(
@@ -292,7 +307,7 @@ def check_consistency(template: Template, tokenizer, conversation: Conversation,
     if train_on == "last":
         assistant_turns = assistant_turns[-1:]
     for turn, (start, _) in zip(assistant_turns, rendered.trained_spans):
-        prompt = template.render_messages(conversation.messages[:turn], True)
+        prompt = template.generation_prompt(conversation.messages[:turn])  # as inference renders it
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         first_trained = next((k for k, (s, _) in enumerate(offsets) if s >= start), len(ids))
         if prompt_ids != ids[:first_trained]:
