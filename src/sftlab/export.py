@@ -160,8 +160,10 @@ def model_card(info: dict, run_dir: Path | None, dtype: str, stop_ids: list[int]
         lines += ["", f"{total.get('trained_tokens', 0):,} trained tokens of {total.get('tokens', 0):,}.", ""]
     summary = _read_json(run_dir / "train_summary.json") if run_dir else None
     if summary:
-        lines += ["## Training", "", f"{summary.get('steps')} steps; validation loss {summary.get('val_loss_before')} -> "
-                  f"{summary.get('val_loss_after')}; final training loss {summary.get('final_train_loss')}.", ""]
+        loss = lambda value: f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+        lines += ["## Training", "", f"{summary.get('steps')} steps; held-out response loss "
+                  f"{loss(summary.get('val_loss_before'))} -> {loss(summary.get('val_loss_after'))}; last training "
+                  f"loss {loss(summary.get('final_train_loss'))}.", ""]
     evaluation = _read_json(run_dir / "eval" / "eval_report.json") if run_dir else None
     if evaluation:
         lines += ["## Evaluation (`sftlab eval`)", "", "| measure | base | tuned |", "|---|---|---|"]

@@ -16,6 +16,7 @@ it would see alone; a test checks that batched greedy answers equal the one-at-a
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
@@ -255,6 +256,8 @@ class BatchEngine:
         self.context = context or context_length(model)
         self.continuous = continuous  # requests may join a running batch (full-attention caches only)
         self.device = next(model.parameters()).device
+        # transformers renamed past_key_values to cache (5.2x); older releases know only the first
+        self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._pending: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
@@ -516,7 +519,7 @@ class BatchEngine:
 
     def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         **{self._cache_argument: cache}, use_cache=True, logits_to_keep=1)
         with self._lock:
             self._stats["forward_passes"] += 1
         return out.logits[:, -1, :].float()
