@@ -32,7 +32,7 @@ class ExportError(SftlabError):
 
 def _checkpoint(run: str | Path) -> tuple[Path, Path | None]:
     """(the checkpoint folder holding sftlab.json, the run directory when there is one)."""
-    from sftlab.models.loading import find_checkpoint
+    from sftlab.models.loading import find_checkpoint, run_config_dir
 
     path = Path(run)
     if not path.exists():
@@ -41,22 +41,22 @@ def _checkpoint(run: str | Path) -> tuple[Path, Path | None]:
     if checkpoint is None:
         raise ExportError(f"{path}: no final checkpoint (no sftlab.json here or in {path / 'final'}); "
                           "train the run to its end, or pass a checkpoint folder")
-    for candidate in (checkpoint, checkpoint.parent):
-        if (candidate / "config.yaml").is_file():
-            return checkpoint, candidate
-    return checkpoint, None
+    return checkpoint, run_config_dir(checkpoint)
 
 
 def _base_dtype(info: dict, model) -> str:
-    """The dtype the base model's config names (registry models: fp32, dequantized from GGUF)."""
+    """The dtype the base model's config names (registry models: fp32, dequantized from GGUF);
+    the loaded model's when the base is not a local folder (a hub id, or not pulled)."""
     from sftlab.models.convert import resolve_model
 
-    config = Path(resolve_model(info.get("base_model") or "", pull_if_missing=False)) / "config.json" \
-        if info.get("base_model") else None
     named = None
-    if config is not None and config.is_file():
-        raw = json.loads(config.read_text())
-        named = raw.get("dtype") or raw.get("torch_dtype")
+    try:
+        config = Path(resolve_model(info["base_model"], pull_if_missing=False)) / "config.json"
+        if config.is_file():
+            raw = json.loads(config.read_text())
+            named = raw.get("dtype") or raw.get("torch_dtype")
+    except (KeyError, SftlabError):
+        pass
     named = named or str(getattr(model.config, "dtype", "float32")).removeprefix("torch.")
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(named), "fp32")
 
@@ -92,12 +92,11 @@ def export(run: str | Path, output: str | Path, dtype: str | None = None, gguf: 
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.chat_template = template.jinja
     tokenizer.save_pretrained(out)
-    stop_ids, _ = stop_tokens(tokenizer, model, template)
-    _generation_config(model, tokenizer, sorted(stop_ids), out)
+    stop_ids = sorted(stop_tokens(tokenizer, model, template)[0])
+    _generation_config(model, tokenizer, stop_ids, out)
     _run_files(checkpoint, run_dir, info, out)
-    (out / "README.md").write_text(model_card(info, run_dir, dtype, sorted(stop_ids), tokenizer))
-    written = {"folder": str(out), "dtype": dtype, "eos_token_id": sorted(stop_ids),
-               "seconds": round(time.perf_counter() - started, 2)}
+    (out / "README.md").write_text(model_card(info, run_dir, dtype, stop_ids, tokenizer))
+    written = {"folder": str(out), "dtype": dtype, "eos_token_id": stop_ids}
     if gguf is not None:
         from sftlab.gguf_export import write_gguf
 
@@ -107,7 +106,7 @@ def export(run: str | Path, output: str | Path, dtype: str | None = None, gguf: 
         if ollama:
             from sftlab.gguf_export import write_modelfile
 
-            written["modelfile"] = str(write_modelfile(out, path, template, tokenizer, sorted(stop_ids)))
+            written["modelfile"] = str(write_modelfile(out, path, template, tokenizer, stop_ids))
     written["seconds"] = round(time.perf_counter() - started, 2)
     return written
 

@@ -18,7 +18,10 @@ import numpy as np
 
 from sftlab.errors import SftlabError
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# --gguf TYPE -> (its tensor type, its file type), names in gguf's GGMLQuantizationType and LlamaFileType
+KINDS = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+         "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+         "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1")}
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3"}  # what this writer lays out
 
 
@@ -27,26 +30,20 @@ class GGUFExportError(SftlabError):
 
 
 def check_type(kind: str) -> None:
-    if kind not in TYPES:
-        raise GGUFExportError(f"--gguf {kind}: use one of {', '.join(TYPES)}")
+    if kind not in KINDS:
+        raise GGUFExportError(f"--gguf {kind}: use one of {', '.join(KINDS)}")
 
 
 def _qtype(kind: str):
     import gguf
 
-    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-            "q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
-            "q5_0": gguf.GGMLQuantizationType.Q5_0, "q5_1": gguf.GGMLQuantizationType.Q5_1}[kind]
+    return getattr(gguf.GGMLQuantizationType, KINDS[kind][0])
 
 
 def _file_type(kind: str):
     import gguf
 
-    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-            "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-            "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1}[kind]
+    return getattr(gguf.LlamaFileType, KINDS[kind][1])
 
 
 def _permute(weights: np.ndarray, heads: int, kv_heads: int | None) -> np.ndarray:

@@ -36,6 +36,9 @@ from sftlab.data.tokenize import Dropped, Example, tokenize_rendered
 TOKENIZE_BATCH = 256  # the fast tokenizer is much quicker on batches than on single texts
 CONSISTENCY_SAMPLE = 8  # rows per source whose inference prompts are checked token by token
 CACHE_FORMAT = 6  # bump when the cached layout or the preparation logic changes (5: the token store; 6: numpy splits)
+# the run config keys that change the prepared data (part of the cache key)
+KEY_OPTIONS = frozenset({"max_length", "train_on", "on_error", "drop_leading_assistant", "merge_consecutive_roles",
+                         "drop_trailing_user", "drop_duplicates", "val_fraction", "seed"})
 REPORT_DROPPED = 1000  # dropped rows listed in the report (all of them are in the store's dropped.jsonl)
 
 
@@ -246,14 +249,16 @@ class DigestSet:
         at = int(np.searchsorted(self.sorted, np.uint64(digest)))
         return at < len(self.sorted) and int(self.sorted[at]) == digest
 
-    def add(self, digest: int) -> None:
+    def add(self, digest: int) -> bool:
+        """Add the digest; False when it was already there."""
         if digest in self:
-            return
+            return False
         self.recent.add(digest)
         if len(self.recent) >= self.MERGE_EVERY:
             merged = np.concatenate([self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent))])
             merged.sort()
             self.sorted, self.recent = merged, set()
+        return True
 
     def __len__(self) -> int:
         return len(self.sorted) + len(self.recent)
@@ -304,10 +309,7 @@ def cache_key(config: RunConfig, tokenizer, template) -> str:
         "eval": [[s.model_dump(), _file_info(s.path)["digest"]] for s in config.eval_data],
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "template": template_fingerprint(template),
-        "options": config.model_dump(include={
-            "max_length", "train_on", "on_error", "drop_leading_assistant", "merge_consecutive_roles",
-            "drop_trailing_user", "drop_duplicates", "val_fraction", "seed",
-        }),
+        "options": config.model_dump(include=KEY_OPTIONS),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -380,9 +382,7 @@ def _quick_signature(config: RunConfig) -> list | None:
         memo.file_signature(model), template, memo.file_signature(template) if Path(template).is_file() else None,
         [[s.model_dump(), memo.file_signature(s.path)] for s in config.data],
         [[s.model_dump(), memo.file_signature(s.path)] for s in config.eval_data],
-        config.model_dump(include={"max_length", "train_on", "on_error", "drop_leading_assistant",
-                                   "merge_consecutive_roles", "drop_trailing_user", "drop_duplicates", "val_fraction",
-                                   "seed"}),
+        config.model_dump(include=KEY_OPTIONS),
     ]
 
 
@@ -653,15 +653,12 @@ class _Preparation:
             self._drop([conversation])
             return
         # exact duplicates: always counted, dropped on request
-        digest = _conversation_key(conversation)
-        if digest in self.seen:
+        if not self.seen.add(_conversation_key(conversation)):  # an identical conversation came earlier
             report.duplicates += 1
             if config.drop_duplicates:
                 report.dropped["duplicate"] += 1
                 self._drop([Dropped(conversation.source, "duplicate", "an identical conversation came earlier")])
                 return
-        else:
-            self.seen.add(digest)
         if self.checked < CONSISTENCY_SAMPLE:
             self.checked += 1
             if all(m.role != "text" for m in conversation.messages):  # the Jinja text is what export writes

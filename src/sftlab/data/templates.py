@@ -73,17 +73,21 @@ CHAT_TEMPLATES = Path(__file__).with_name("chat_templates")  # the built-in temp
 def render_jinja(source: str, messages, add_generation_prompt: bool, **special_tokens) -> str:
     """A Jinja chat template rendered as transformers' apply_chat_template renders it (sandboxed,
     trim_blocks, lstrip_blocks), for messages of (role, content) or Message."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    compiled = _COMPILED.get(source)
-    if compiled is None:
-        compiled = _COMPILED[source] = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
     items = [{"role": m.role, "content": m.content} if isinstance(m, Message) else {"role": m[0], "content": m[1]}
              for m in messages]
-    return compiled.render(messages=items, add_generation_prompt=add_generation_prompt, **special_tokens)
+    return _compiled(source).render(messages=items, add_generation_prompt=add_generation_prompt, **special_tokens)
 
 
-_COMPILED: dict[str, object] = {}
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
+
+
+def _first_difference(a, b) -> int:
+    """The first index where two sequences differ (the shorter one's length when one is a prefix)."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,7 +120,7 @@ class Template:
             ours = self.render_messages(messages, generation)
             theirs = render_jinja(source, messages, generation, eos_token=self.eos_token)
             if ours != theirs:
-                at = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                at = _first_difference(ours, theirs)
                 raise TemplateConsistencyError(
                     f"{conversation.source}: template '{self.name}' renders differently from its Jinja text "
                     f"from character {at}: {ours[max(0, at - 30): at + 30]!r} vs {theirs[max(0, at - 30): at + 30]!r}")
@@ -152,7 +156,7 @@ class Template:
             upto = self.render_messages(messages[: i + 1], False)
             if not text.startswith(prompt) or not text.startswith(upto):
                 bad = prompt if not text.startswith(prompt) else upto
-                at = next((k for k, (a, b) in enumerate(zip(bad, text)) if a != b), min(len(bad), len(text)))
+                at = _first_difference(bad, text)
                 raise TemplateConsistencyError(
                     f"{conversation.source}: template '{self.name}' renders turn {i} differently as an inference "
                     f"prompt than inside the conversation, from character {at}:\n"

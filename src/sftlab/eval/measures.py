@@ -207,15 +207,12 @@ def sample_continuations(model, tokenizer, prompts: list[str], max_new_tokens: i
     """
     from sftlab.infer.engine import BatchEngine, SamplingParams
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = BatchEngine(model, pad, {tokenizer.eos_token_id} - {None}, max_batch_size=batch_size, batch_window_ms=0.0)
-    try:
-        ids = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=1.0, top_p=1.0, seed=seed + i)
-                  for i in range(len(prompts))]
+    ids = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=1.0, top_p=1.0, seed=seed + i)
+              for i in range(len(prompts))]
+    with BatchEngine.for_tokenizer(model, tokenizer, {tokenizer.eos_token_id} - {None}, max_batch_size=batch_size,
+                                   batch_window_ms=0.0) as engine:
         done = engine.generate_all(ids, params, tokenizer)
-    finally:
-        engine.close()
     return [p + d.text for p, d in zip(prompts, done)]
 
 

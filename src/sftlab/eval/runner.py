@@ -23,7 +23,7 @@ from sftlab.eval.settings import EvalSettings
 
 def find_run(run_dir: str | Path) -> tuple[Path, Path]:
     """(run directory holding config.yaml, the checkpoint folder to evaluate)."""
-    from sftlab.models.loading import find_checkpoint
+    from sftlab.models.loading import find_checkpoint, run_config_dir
 
     path = Path(run_dir)
     if not path.exists():
@@ -31,10 +31,10 @@ def find_run(run_dir: str | Path) -> tuple[Path, Path]:
     checkpoint = find_checkpoint(path)
     if checkpoint is None:
         raise EvalError(f"{path}: not a run directory (no final/sftlab.json); train one with `sftlab train CONFIG`")
-    for candidate in (path, checkpoint.parent):
-        if (candidate / "config.yaml").is_file():
-            return candidate, checkpoint
-    raise EvalError(f"{path}: the run's config.yaml is missing")
+    run_path = run_config_dir(checkpoint)
+    if run_path is None:
+        raise EvalError(f"{path}: the run's config.yaml is missing")
+    return run_path, checkpoint
 
 
 def _tokens(tokenizer, texts: list[str]) -> int:

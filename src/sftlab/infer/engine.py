@@ -265,6 +265,18 @@ class BatchEngine:
         self._stats = {"requests": 0, "cancelled": 0, "batches": 0, "joined_rows": 0, "forward_passes": 0,
                        "rows_decoded": 0, "max_batch_rows": 0, "generated_tokens": 0, "busy_seconds": 0.0}
 
+    @classmethod
+    def for_tokenizer(cls, model, tokenizer, stop_token_ids: set[int], **options) -> BatchEngine:
+        """An engine padding with the tokenizer's pad token (its EOS when it has none)."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(model, pad if pad is not None else 0, stop_token_ids, **options)
+
+    def __enter__(self) -> BatchEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- public API --------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -322,24 +334,21 @@ class BatchEngine:
         finished = threading.Semaphore(0)
 
         def collector(index: int, stream: TextStream):
-            count = [0]
-
             def emit(event: Event) -> None:  # on the worker thread
                 if results[index] is not None:
                     return
                 if isinstance(event, Token):
-                    count[0] += 1
                     stream.push(event.id)
                     if not stream.stopped:
                         return
                     requests[index].cancel()  # a stop string: the row leaves the batch
-                    results[index] = Generated(stream.text, "stop", count[0])
+                    results[index] = Generated(stream.text, "stop", len(stream.ids))
                 elif isinstance(event, Done):
                     stream.finish()
                     results[index] = Generated(stream.text, "length" if event.reason == "length" else "stop",
                                                event.completion_tokens)
                 else:
-                    results[index] = Generated(stream.text, "error", count[0], event.message)
+                    results[index] = Generated(stream.text, "error", len(stream.ids), event.message)
                 finished.release()
 
             return emit
@@ -636,8 +645,8 @@ class InferenceModel:
         template = get_template(template_name, tokenizer)
         ids, strings = stop_tokens(tokenizer, model, template)
         context = context_length(model, tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        engine = BatchEngine(model, pad if pad is not None else 0, ids, max_batch_size, batch_window_ms, context)
+        engine = BatchEngine.for_tokenizer(model, tokenizer, ids, max_batch_size=max_batch_size,
+                                           batch_window_ms=batch_window_ms, context=context)
         return cls(model, tokenizer, template, template_name, engine, context, strings, run_info or {}, source)
 
     def chat_prompt(self, messages) -> str:

@@ -47,13 +47,11 @@ class Generator:
         rows at a time, stopping at EOS and at the template's end-of-turn token."""
         inference = InferenceModel.from_model(self.model, self.tokenizer, self.template_name,
                                               max_batch_size=batch_size, batch_window_ms=0.0)
-        try:
-            ids = [inference.encode(self.prompt_text(instruction, context)) for instruction, context in prompts]
-            params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                     seed=None if seed is None else seed + i) for i in range(len(ids))]
+        ids = [inference.encode(self.prompt_text(instruction, context)) for instruction, context in prompts]
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 seed=None if seed is None else seed + i) for i in range(len(ids))]
+        with inference.engine:
             done = inference.engine.generate_all(ids, params, self.tokenizer, inference.stop_strings)
-        finally:
-            inference.engine.close()
         failed = next((d.error for d in done if d.error), None)
         if failed:
             raise RuntimeError(f"generation failed: {failed}")

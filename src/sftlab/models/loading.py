@@ -53,6 +53,12 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
+def run_config_dir(checkpoint: Path) -> Path | None:
+    """The folder holding the run's config.yaml: the checkpoint itself (an exported model) or the
+    run directory above it (final/); None when neither has it."""
+    return next((f for f in (checkpoint, checkpoint.parent) if (f / "config.yaml").is_file()), None)
+
+
 def read_run_info(checkpoint: Path) -> dict:
     info = json.loads((checkpoint / RUN_INFO_FILE).read_text())
     if str(info.get("template", "")).endswith((".jinja", ".j2")):  # a custom template saved beside the model

@@ -215,10 +215,8 @@ class LocalBackend:
             else:
                 todo.append(i)
         stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        engine = BatchEngine(self.model, pad, stop_ids, max_batch_size=self.batch_size, batch_window_ms=0.0,
-                             context=self.context)
-        try:
+        with BatchEngine.for_tokenizer(self.model, tokenizer, stop_ids, max_batch_size=self.batch_size,
+                                       batch_window_ms=0.0, context=self.context) as engine:
             for stop in {requests[i].stop for i in todo}:  # one stop list per call (the engine cuts at it)
                 group = [i for i in todo if requests[i].stop == stop]
                 params = [SamplingParams(max_tokens=requests[i].max_tokens, temperature=requests[i].temperature,
@@ -227,6 +225,4 @@ class LocalBackend:
                 for i, done in zip(group, engine.generate_all([ids[i] for i in group], params, tokenizer, stop)):
                     results[i] = (Completion(done.text, None, error=done.error) if done.error
                                   else Completion(done.text, done.finish_reason))
-        finally:
-            engine.close()
         return results  # type: ignore[return-value]

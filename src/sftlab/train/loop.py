@@ -261,6 +261,11 @@ class _Tracker:
     skipped_steps: int = 0
     val_after: float | None = None
 
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> _Tracker:
+        """The history a checkpoint saved (what it lacks keeps its default)."""
+        return cls(**{name: saved[name] for name in cls().saved() if saved.get(name) is not None})
+
     def saved(self) -> dict:
         return {"val_before": self.val_before, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                 "bad_evals": self.bad_evals, "skipped_steps": self.skipped_steps}
@@ -313,8 +318,7 @@ def _train(config: RunConfig, world: World, resume: bool, console: Console, forc
     run = _setup(config, world, resume, console, force)
     batches, memory, output_dir = run.batches, run.memory, run.output_dir
     if run.start_step:
-        track = _Tracker(**{k: run.progress.get(k) for k in _Tracker().saved() if k in run.progress})
-        track.bad_evals, track.skipped_steps = track.bad_evals or 0, track.skipped_steps or 0
+        track = _Tracker.from_checkpoint(run.progress)
     else:
         track = _Tracker(val_before=run.validate("first validation"))
         if track.val_before is not None:
