@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 SFTLAB := $(VENV)/bin/sftlab
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install demo test test-fast bench bench-scaling bench-prepare check-gguf clean
+.PHONY: install browser demo ui ui-screenshots test test-fast bench bench-scaling bench-prepare check-gguf clean
 
 install: $(STAMP)
 
@@ -26,14 +26,29 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	bash examples/demo.sh
 
+# the dashboard over runs/ (after `make demo`: the demo run's curves, data, eval and chat)
+ui: install
+	$(SFTLAB) ui --runs runs
+
+# Debian's Chromium for the browser tests of `sftlab ui` (Playwright drives it; ~50 s the first time)
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || (echo "installing Debian's chromium for the UI browser tests" && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+# the README's screenshots of each page, taken in headless Chromium from the demo run
+ui-screenshots: install browser
+	test -f runs/demo/eval/eval_report.json || $(MAKE) demo
+	$(PY) docs/ui/screenshots.py --runs runs --run demo --out docs/ui
+
 # two pytest workers, whole files each (module fixtures stay in one process); each test's
 # torch threads and subprocesses share the cores
-test: install
+test: install browser
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # the inner loop: tiny random models on the real tokenizer, no subprocess/multi-process/e2e tests
 test-fast: install
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not e2e"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not e2e and not browser"
 
 bench: install
 	$(PIP) install -q -e '.[bench]'

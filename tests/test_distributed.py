@@ -88,7 +88,9 @@ def _only_rank_0_wrote(run: Path) -> None:
     """One writer: one metrics line a step (checked by _same_run), one TensorBoard log, one report."""
     assert len(list((run / "tensorboard").glob("events.*"))) == (1 if importlib.util.find_spec("tensorboard") else 0)
     assert sorted(p.name for p in run.iterdir() if p.is_file()) == [
-        "config.yaml", "data_report.json", "latest", "metrics.jsonl", "train_summary.json"]
+        "config.yaml", "data_report.json", "latest", "metrics.jsonl", "status.json", "train_summary.json"]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == status["total_steps"]
     summary = json.loads((run / "train_summary.json").read_text())
     assert [r["rank"] for r in summary["memory"]["ranks"]] == [0, 1]
 

@@ -301,6 +301,7 @@ def export_cmd(
 # Verbs of the other stages live beside their code; each module exposes register(app).
 STAGE_COMMANDS = (
     "sftlab.eval.commands", "sftlab.infer.commands", "sftlab.selfinstruct.commands", "sftlab.quality.commands",
+    "sftlab.ui.commands",
 )
 for _module in STAGE_COMMANDS:
     import importlib

@@ -299,29 +299,32 @@ def _format_validation_error(error: ValidationError, where: str) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a run config from YAML (or defaults when path is None) and apply KEY=VALUE overrides."""
-    raw: dict = {}
-    where = "config"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, found {type(raw).__name__}")
-        _check_unknown_keys(raw, RunConfig, where)
-        _resolve_data_paths(raw, path.parent.resolve())  # absolute: the saved config reloads from anywhere
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        _check_unknown_keys(_nest(keys, value), RunConfig, f"--set {text}")
+    if path is None:
+        return config_from_yaml("", "config", Path.cwd(), overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    return config_from_yaml(path.read_text(), str(path), path.parent.resolve(), overrides)
+
+
+def config_from_yaml(text: str, where: str, base: Path, overrides: list[str] | None = None) -> RunConfig:
+    """A run config from YAML text; `where` names it in errors, relative data paths are under `base`."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys, found {type(raw).__name__}")
+    _check_unknown_keys(raw, RunConfig, where)
+    _resolve_data_paths(raw, base)  # absolute: the saved config reloads from anywhere
+    for override in overrides or []:
+        keys, value = parse_override(override)
+        _check_unknown_keys(_nest(keys, value), RunConfig, f"--set {override}")
         node = raw
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {text}: '{key}' is not a group of keys")
+                raise ConfigError(f"--set {override}: '{key}' is not a group of keys")
         node[keys[-1]] = value
     try:
         return RunConfig.model_validate(raw)

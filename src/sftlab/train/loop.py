@@ -46,6 +46,7 @@ from sftlab.train.distributed import (
 from sftlab.train.embedding import add_embedding_grad_in_place
 from sftlab.train.interrupt import StopRequest
 from sftlab.train.log import RunLog
+from sftlab.train.status import RunStatus
 from sftlab.train.loss import unwrap_model
 from sftlab.train.memory import PhaseMemory, enable_checkpointing, plan_memory, release_freed_memory
 from sftlab.train.step import cut_into_pieces, filler_piece, forward_backward, trained_tokens
@@ -213,10 +214,21 @@ def _share_tied(model, state_dict: dict) -> None:
 def train(config: RunConfig, resume: bool = False, console: Console | None = None, force: bool = False) -> TrainResult:
     """Fine-tune per `config` on this process (or, under torchrun, on all of them)."""
     world = init_world(config.device)
+    status = RunStatus(config.output_dir, world.is_main)  # status.json: what `sftlab ui` shows
+    status.running(resume)
     try:
-        return _train(config, world, resume, console or Console(), force)
+        result = _train(config, world, resume, console or Console(), force, status)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last checkpoint (if any) resumes
+        status.write("interrupted", interrupted_by="a second Ctrl-C")
+        raise
+    except BaseException as exc:
+        status.write("failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
     finally:
         world.close()
+    status.write("interrupted" if result.interrupted else "finished", interrupted_by=result.interrupted,
+                 step=result.steps)
+    return result
 
 
 @dataclass
@@ -312,10 +324,12 @@ def _setup(config: RunConfig, world: World, resume: bool, console: Console, forc
                 val_batches, optimizer, scheduler, start_step, progress)
 
 
-def _train(config: RunConfig, world: World, resume: bool, console: Console, force: bool) -> TrainResult:
+def _train(config: RunConfig, world: World, resume: bool, console: Console, force: bool,
+           status: RunStatus) -> TrainResult:
     if not world.is_main:
         console = Console(quiet=True)
     run = _setup(config, world, resume, console, force)
+    status.write("running", total_steps=run.batches.total_steps, start_step=run.start_step)
     batches, memory, output_dir = run.batches, run.memory, run.output_dir
     if run.start_step:
         track = _Tracker.from_checkpoint(run.progress)
