@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -214,8 +215,17 @@ def test_start_stop_resume_a_run_from_the_page(client, runs, tiny_model_dir):
     assert "already training" in _error(client.post("/api/train", json={"name": "child", "yaml": text}), 400)
     _wait(lambda: _ok(client.get("/api/metrics", params={"run": "child"}))["records"], "the first step", started)
     assert run_state(runs / "child")["state"] == "running"
+    events: list[dict] = []
+    watcher = threading.Thread(target=_collect_events, args=(client, "child", events))
+    watcher.start()  # the live stream the Runs page listens to, open while the run trains
+    _wait(lambda: events, "the first live event", started)
     assert _ok(client.post("/api/stop", params={"run": "child"}))["signal"] == "SIGTERM"
     _wait(lambda: run_state(runs / "child")["state"] != "running", "the stop", started)
+    watcher.join(60)
+    assert not watcher.is_alive() and events[0]["state"] == "running" and events[-1] == {"end": True}
+    assert events[-2]["state"] == "interrupted"  # the stream ends once the run stops
+    streamed = [r["step"] for e in events[:-1] for r in e["records"]]
+    assert streamed == [r["step"] for r in _ok(client.get("/api/metrics", params={"run": "child"}))["records"]]
     state = run_state(runs / "child")
     assert state["state"] == "interrupted" and state["resumable"] and state["interrupted_by"] == "SIGTERM"
     row = next(r for r in _ok(client.get("/api/runs"))["runs"] if r["id"] == "child")
@@ -230,6 +240,21 @@ def test_start_stop_resume_a_run_from_the_page(client, runs, tiny_model_dir):
     assert steps == list(range(1, 401))
     assert "not training" in _error(client.post("/api/stop", params={"run": "child"}), 400)
     assert "no checkpoint to resume" in _error(client.post("/api/resume", params={"run": "tiny"}), 400)
+
+
+def _collect_events(client, run: str, events: list) -> None:
+    with client.stream("GET", "/api/events", params={"run": run}) as response:
+        for block in _sse_blocks(response):
+            events.append({"end": True} if block.startswith("event: end") else json.loads(block.removeprefix("data: ")))
+
+
+def _sse_blocks(response):
+    buffer = ""
+    for text in response.iter_text():
+        buffer += text
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            yield block
 
 
 def _wait(condition, what: str, started: dict, timeout: float = 120) -> None:
