@@ -41,7 +41,11 @@ def test_pull_lora_train_load_with_peft_and_generate(smollm2_dir, tmp_path):
 def test_prepare_and_inspect_write_their_files(tmp_path):
     out = sftlab("prepare", "examples/demo.yaml", "--set", f"output_dir={tmp_path}")
     report = json.loads((tmp_path / "data_report.json").read_text())
-    assert report["total"]["rows_read"] == 360 and report["split"]["train_rows"] == 320
+    rows = {name: len(json.loads((ROOT / "examples" / "data" / name).read_text()))
+            for name in ("alpaca_demo.json", "if_demo.json", "alpaca_demo_eval.json")}
+    assert rows["alpaca_demo.json"] == 320 and rows["if_demo.json"] >= 200
+    assert report["total"]["rows_read"] == sum(rows.values()) and report["total"]["rows_dropped"] == 0
+    assert report["split"]["train_rows"] == rows["alpaca_demo.json"] + rows["if_demo.json"]
     assert "data report" in out.stdout
     sftlab("inspect", "examples/demo.yaml", "-n", "2", "--set", f"output_dir={tmp_path}")
     html = (tmp_path / "inspect.html").read_text()
