@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: pull the default model, ask it 3 held-out instructions, fine-tune it
 # on the demo data (examples/demo.yaml, ~7 minutes on 2 CPU cores), ask again, evaluate against the
-# base model (sftlab eval, ~7 minutes), then export.
+# base model (sftlab eval, ~5 minutes), then export.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SFTLAB=${SFTLAB:-.venv/bin/sftlab}
