@@ -208,7 +208,7 @@ def test_start_stop_resume_a_run_from_the_page(client, runs, tiny_model_dir):
     """POST /api/train starts `sftlab train` as a child; /api/stop (SIGTERM) leaves a resumable
     checkpoint; /api/resume continues it to the end from the YAML saved beside the run."""
     text = yaml.safe_dump({"model": str(tiny_model_dir), "data": str(ROOT / "tests/fixtures/tiny_train.json"),
-                           "max_steps": 400, "max_length": 64, "batch_size": 2, "learning_rate": 1e-4,
+                           "max_steps": 100, "max_length": 64, "batch_size": 2, "learning_rate": 1e-4,
                            "logging_steps": 1, "output_dir": str(runs / "child"), "seed": 0})
     started = _ok(client.post("/api/train", json={"name": "child", "yaml": text}))
     assert (runs / "child.yaml").read_text() == text and started["output_dir"] == str(runs.resolve() / "child")
@@ -234,10 +234,10 @@ def test_start_stop_resume_a_run_from_the_page(client, runs, tiny_model_dir):
     _ok(client.post("/api/resume", params={"run": "child"}))
     _wait(lambda: run_state(runs / "child")["state"] == "finished", "the resumed run to finish", started, 240)
     final = json.loads((runs / "child" / "status.json").read_text())
-    assert final["resumed"] is True and final["start_step"] == stopped_at and final["step"] == 400
+    assert final["resumed"] is True and final["start_step"] == stopped_at and final["step"] == 100
     assert "resumed from" in (runs / "child" / "train.log").read_text()
     steps = [r["step"] for r in _ok(client.get("/api/metrics", params={"run": "child"}))["records"]]
-    assert steps == list(range(1, 401))
+    assert steps == list(range(1, 101))
     assert "not training" in _error(client.post("/api/stop", params={"run": "child"}), 400)
     assert "no checkpoint to resume" in _error(client.post("/api/resume", params={"run": "tiny"}), 400)
 
