@@ -214,6 +214,10 @@ PHRASES = {
         "First copy the question exactly as written, on a line of its own, then answer it.")),
     "keywords:letter_frequency": (letter_count, lambda letter, relation, n: (
         f"Make sure the letter '{letter}' shows up at least {n} time{'s' if n > 1 else ''}.")),
+    # written by hand in build() (no rewrite of a demo answer); the last two phrase their rows themselves
+    "detectable_format:numbered_list": (None, lambda n: f"Answer with a list numbered 1 to {n}, one item a line."),
+    "detectable_format:constrained_response": (None, lambda: ""),
+    "detectable_content:number_placeholders": (None, lambda n: ""),
 }
 # constraint pairs that can hold at once, applied in this order
 PAIRS = [
@@ -319,11 +323,6 @@ def build(per_kind: int = 8, pairs: int = 5) -> list[dict]:
                      "constraints": [{"id": "detectable_content:number_placeholders", "kwargs": {"n": n}}]})
     rng.shuffle(rows)
     return rows
-
-
-PHRASES["detectable_format:numbered_list"] = (None, lambda n: f"Answer with a list numbered 1 to {n}, one item a line.")
-PHRASES["detectable_format:constrained_response"] = (None, lambda: "")
-PHRASES["detectable_content:number_placeholders"] = (None, lambda n: "")
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 import warnings
@@ -35,6 +34,7 @@ import torch
 from sftlab import __version__
 from sftlab.config import RunConfig
 from sftlab.models.loading import RUN_INFO_FILE
+from sftlab.train.status import MANIFEST, list_checkpoints
 
 TEMPLATE_COPY = "sftlab_template.jinja"
 
@@ -95,7 +95,6 @@ def save_run_files(tokenizer, config: RunConfig, folder: Path) -> None:
 # -- resumable checkpoints ------------------------------------------------------------------------
 
 TRAINER_STATE = "trainer_state.json"
-MANIFEST = "manifest.json"
 LATEST = "latest"
 
 # keys that change nothing in what is trained: a resume may change them freely
@@ -201,16 +200,6 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """checkpoint-N folders (complete or not), oldest first."""
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
 
 
 def checkpoint_problem(folder: Path) -> str | None:

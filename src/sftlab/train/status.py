@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 STATUS_FILE = "status.json"
+MANIFEST = "manifest.json"  # a checkpoint's file list with checksums, written last (sftlab.train.checkpoint)
 STATES = ("running", "finished", "interrupted", "failed", "exported", "unknown")
 
 
@@ -47,13 +48,19 @@ class RunStatus:
                    error=None, interrupted_by=None)
 
 
-def _checkpoint_steps(run_dir: Path) -> list[int]:
-    steps = []
-    for path in run_dir.glob("checkpoint-*"):
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders (complete or not), oldest first."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
         match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and (path / "manifest.json").is_file():  # written last: the save finished
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def _complete_checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints whose save finished (their manifest is written last)."""
+    return [int(p.name.split("-")[1]) for p in list_checkpoints(run_dir) if (p / MANIFEST).is_file()]
 
 
 def _alive(pid: int) -> bool:
@@ -76,7 +83,7 @@ def run_state(run_dir: str | Path) -> dict:
         saved = json.loads((run_dir / STATUS_FILE).read_text())
     except (OSError, ValueError):
         saved = {}
-    checkpoints = _checkpoint_steps(run_dir)
+    checkpoints = _complete_checkpoint_steps(run_dir)
     finished = (run_dir / "final" / "sftlab.json").is_file()
     state, detail = saved.get("state"), saved.get("error") or ""
     if state == "running":
