@@ -6,21 +6,17 @@ chat reply, a config error that names the key. Screenshots go to the test's temp
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from sftlab.infer.server import BackgroundServer
+from sftlab.ui import CHROMIUM, CHROMIUM_ARGS
 from sftlab.ui.app import create_ui_app
 from ui_helpers import BAD_LINE, make_runs
 
 pytestmark = pytest.mark.browser
-CHROMIUM = os.environ.get("SFTLAB_CHROMIUM", "/usr/bin/chromium")
-# the flags a closed network needs (no background connections), as root (no sandbox)
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TRAINED_GREEN = "rgb(183, 240, 177)"  # style.css --trained, the colour `sftlab inspect --html` uses
 
 

@@ -9,18 +9,14 @@ for the streamed reply) and New run, and writes OUT/<page>.png, palette-reduced 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 from PIL import Image
 
 from sftlab.infer.server import BackgroundServer
+from sftlab.ui import CHROMIUM, CHROMIUM_ARGS
 from sftlab.ui.app import create_ui_app
-
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
 
 def shrink(path: Path) -> None:
     """256 colours: a UI screenshot loses nothing visible and shrinks about 3x."""
@@ -41,8 +37,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     run = args.run
     with BackgroundServer(create_ui_app(args.runs)) as server, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=os.environ.get("SFTLAB_CHROMIUM", "/usr/bin/chromium"),
-                                    args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 860})
         page.on("pageerror", lambda exc: print("page error:", exc))
 

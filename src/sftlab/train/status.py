@@ -20,7 +20,6 @@ from pathlib import Path
 
 STATUS_FILE = "status.json"
 MANIFEST = "manifest.json"  # a checkpoint's file list with checksums, written last (sftlab.train.checkpoint)
-STATES = ("running", "finished", "interrupted", "failed", "exported", "unknown")
 
 
 def _now() -> str:
