@@ -1,5 +1,6 @@
 """The run config: defaults, overrides, unknown keys, path resolution."""
 
+import json
 import pytest
 import yaml
 
@@ -17,6 +18,9 @@ def test_every_key_has_a_meaning():
     keys = describe_keys()
     assert {"model", "data", "lora.r", "lora.target_modules", "max_steps", "save_steps"} <= {k for k, _, _ in keys}
     assert all(meaning for _, _, meaning in keys)
+    defaults = {k: d for k, d, _ in keys}
+    assert defaults["data[].path"] == "(required)" and defaults["data[].format"] == "auto"
+    json.dumps(defaults)  # `sftlab config` prints every default as JSON
 
 
 def test_set_overrides_nested_keys_with_typed_values(tmp_path):
@@ -68,3 +72,14 @@ def test_a_saved_config_reloads_with_the_same_data_paths(tmp_path, monkeypatch):
     cfg = load_config("examples/run.yaml")  # a relative config path, as users type it
     save_config(cfg, tmp_path / "out.yaml")
     assert load_config(tmp_path / "out.yaml").data[0].path == str(tmp_path / "examples" / "data" / "train.json")
+
+
+def test_sftlab_config_lists_every_key_with_its_default():
+    from typer.testing import CliRunner
+
+    from sftlab.cli import app
+
+    result = CliRunner().invoke(app, ["config"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "data[].path" in result.output and "(required)" in result.output
+    assert "lora.target_modules" in result.output and '"all-linear"' in result.output

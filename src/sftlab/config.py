@@ -206,15 +206,21 @@ class RunConfig(_Strict):
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
 
 
+REQUIRED = "(required)"
+
+
 def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(key, default, meaning) for every key, nested keys dotted — for `sftlab config` and docs."""
+    """(key, default, meaning) for every key, nested keys dotted — for `sftlab config` and docs.
+
+    A key with no default (a data source's `path`) has the default REQUIRED.
+    """
     rows = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows += describe_keys(annotation, prefix + name + ".")
             continue
-        default = field.get_default(call_default_factory=True)
+        default = REQUIRED if field.is_required() else field.get_default(call_default_factory=True)
         if isinstance(default, list):
             default = [d.model_dump() if isinstance(d, BaseModel) else d for d in default]
         rows.append((prefix + name, default, field.description or ""))
