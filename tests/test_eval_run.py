@@ -3,6 +3,7 @@ the report (curves + tables), the lm-eval bridge on the local task, and the CLI 
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -132,6 +133,33 @@ def test_text_chunks_perplexity_and_reproducible_samples(tiny_model_dir, tokeniz
     first = sample_continuations(model, tokenizer, prompts, max_new_tokens=6, seed=3)
     assert first == sample_continuations(model, tokenizer, prompts, max_new_tokens=6, seed=3)
     assert all(t.startswith(p) for t, p in zip(first, prompts))
+
+
+def test_base_answers_are_reused_across_evals_until_the_base_or_the_settings_change(tiny_run, tiny_model_dir,
+                                                                                    tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTLAB_HOME", str(tmp_path / "home"))
+    options = dict(limit=3, max_new_tokens=5, corpus_samples=2, corpus_tokens=10, side_by_side=1)
+    first = run_eval(tiny_run, output=tmp_path / "1", **options)
+    assert first["base"]["reused"] == []
+    second = run_eval(tiny_run, output=tmp_path / "2", **options)
+    assert second["base"]["reused"] == ["instruction_following", "forgetting_corpus", "side_by_side"]
+    base = [r["base"]["response"] for r in first["instruction_following"]["responses"]]
+    assert [r["base"]["response"] for r in second["instruction_following"]["responses"]] == base
+    assert second["instruction_following"]["base"]["prompt_strict"] == first["instruction_following"]["base"]["prompt_strict"]
+    assert second["forgetting"]["texts"] == first["forgetting"]["texts"]
+    assert second["forgetting"]["base"] == first["forgetting"]["base"]  # perplexity recomputed on the same texts
+    assert [p["base"] for p in second["side_by_side"]] == [p["base"] for p in first["side_by_side"]]
+
+    assert run_eval(tiny_run, output=tmp_path / "3", cache=False, **options)["base"]["reused"] == []
+    longer = run_eval(tiny_run, output=tmp_path / "4", **{**options, "max_new_tokens": 6})
+    assert longer["base"]["reused"] == ["forgetting_corpus"]  # the answers depend on max_new_tokens; the corpus not
+    weights = next(tiny_model_dir.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the base model's files changed
+    try:
+        assert run_eval(tiny_run, output=tmp_path / "5", **options)["base"]["reused"] == []
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_run_eval_writes_json_and_html_with_curves_tables_and_escaped_answers(tiny_run, tmp_path):

@@ -37,6 +37,7 @@ def eval_cmd(
     block_size: int = option(S, "block_size", "--block-size"),
     seed: int = option(S, "seed", "--seed"),
     device: str = option(S, "device", "--device"),
+    cache: bool = option(S, "cache", "--cache/--no-cache"),
     fail_on_forgetting: bool = typer.Option(False, "--fail-on-forgetting",
                                             help="exit with code 2 when forgetting is flagged (for CI)"),
 ) -> None:

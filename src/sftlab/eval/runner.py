@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from sftlab.data import memo
 from sftlab.eval import measures
 from sftlab.eval.errors import EvalError
 from sftlab.eval.settings import EvalSettings
@@ -75,6 +76,67 @@ def _say(console: Console | None, text: str) -> None:
         console.print(f"[dim]eval:[/] {text}", highlight=False, soft_wrap=True)
 
 
+class BaseMemo:
+    """The base model's generated text, remembered across evals of runs that share the base.
+
+    A sweep evaluates many runs of one base model: its answers to the suite, its side-by-side
+    answers and the general text it samples for the forgetting check are the same every time
+    (greedy, or seeded), and they are most of an eval's time. They are kept in the memo
+    ($SFTLAB_HOME/cache/memo) under a key made of the base model's files (stat signatures), the
+    template, the device, the library versions, the sftlab code that generates, and the prompts
+    and settings of the call. Losses, KL and perplexities are always computed (they are quick,
+    and KL needs both models' logits). A base that is not a plain local model folder (a hub id,
+    another run) is never memoized.
+    """
+
+    KIND = "eval-base"
+
+    def __init__(self, signature: list | None, console: Console | None = None):
+        self.signature = signature
+        self.console = console
+        self.reused: list[str] = []
+
+    @classmethod
+    def for_base(cls, base_name: str, template: str, device, enabled: bool, console: Console | None = None):
+        return cls(_base_signature(base_name, template, device) if enabled else None, console)
+
+    def get(self, what: str, args: list, compute):
+        """compute() (a JSON-able value), or what it returned for the same base and args before."""
+        if self.signature is None:
+            return compute()
+        key = [*self.signature, what, args]
+        value = memo.recall(self.KIND, key)
+        if value is not None:
+            self.reused.append(what)
+            _say(self.console, f"{what}: the base model's text reused from an earlier eval (--no-cache: generate again)")
+            return value
+        value = compute()
+        memo.remember(self.KIND, key, value)
+        return value
+
+
+def _base_signature(base_name: str, template: str, device) -> list | None:
+    from importlib.metadata import version
+
+    from sftlab.models.convert import resolve_model
+    from sftlab.models.loading import find_checkpoint
+
+    if find_checkpoint(base_name) is not None:
+        return None  # another run as the base: its files may be a LoRA adapter over yet another model
+    try:
+        path = Path(resolve_model(str(base_name), pull_if_missing=False))
+    except Exception:
+        return None
+    if not path.is_dir():
+        return None  # a hub id
+    package = Path(__file__).parents[1]
+    code = [package / "infer" / "engine.py", package / "infer" / "generate.py", package / "data" / "templates.py",
+            package / "models" / "loading.py", Path(__file__).with_name("measures.py")]
+    return [1, [version("torch"), version("transformers")], [memo.file_signature(c) for c in code],
+            memo.file_signature(path), template, memo.file_signature(template) if Path(template).is_file() else None,
+            str(device.type)]
+
+
 @dataclass
 class _Models:
     """The tuned model and its base, loaded side by side, with what the measurements share."""
@@ -86,6 +148,7 @@ class _Models:
     device: object
     template: str
     same_vocab: bool  # KL and shared examples need the same token ids
+    memo: BaseMemo
 
     def generators(self):
         from sftlab.infer.generate import Generator
@@ -130,7 +193,8 @@ def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console:
         base_model, base_tokenizer, _ = load_for_inference(str(base_name), device)
         template = info.get("template", config.template)
         models = _Models(tuned, tokenizer, base_model, base_tokenizer, device, template,
-                         measures.same_vocabulary(tokenizer, base_tokenizer))
+                         measures.same_vocabulary(tokenizer, base_tokenizer),
+                         BaseMemo.for_base(base_name, template, device, s.cache, console))
         timings["load"] = _lap(t)
         report: dict = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -148,13 +212,13 @@ def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console:
         examples, report["heldout"] = _heldout(models, config, s, console)
         timings["heldout"] = _lap(t)
         t = time.perf_counter()
-        report["instruction_following"] = _instruction_following(generators, rows, s, console)
+        report["instruction_following"] = _instruction_following(generators, rows, s, console, models.memo)
         timings["instruction_following"] = _lap(t)
         t = time.perf_counter()
         report["forgetting"] = _forgetting(models, corpus_texts, s, console)
         timings["forgetting"] = _lap(t)
         t = time.perf_counter()
-        report["side_by_side"] = _side_by_side(generators, config, examples, rows, s, console)
+        report["side_by_side"] = _side_by_side(generators, config, examples, rows, s, console, models.memo)
         timings["side_by_side"] = _lap(t)
         report["lm_eval"] = None
         if s.lm_eval:
@@ -163,6 +227,7 @@ def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console:
             timings["lm_eval"] = _lap(t)
         timings["total"] = _lap(started)
         report["timings"] = timings
+        report["base"]["reused"] = models.memo.reused
         json_path, html_path = write_report(report, s.output or run_path / "eval", run_path)
         report["files"] = {"json": str(json_path), "html": str(html_path)}
         return report
@@ -195,7 +260,8 @@ def _heldout(models: _Models, config, s: EvalSettings, console) -> tuple[list, d
     return examples, heldout
 
 
-def _instruction_following(generators: dict, rows: list[dict], s: EvalSettings, console) -> dict | None:
+def _instruction_following(generators: dict, rows: list[dict], s: EvalSettings, console,
+                           base_memo: BaseMemo) -> dict | None:
     """Both models answer the suite's prompts; every verifiable instruction is checked."""
     from sftlab.eval import ifeval
     from sftlab.eval.suite import SUITE_PATH
@@ -207,7 +273,11 @@ def _instruction_following(generators: dict, rows: list[dict], s: EvalSettings, 
     result: dict = {"suite": str(s.suite or SUITE_PATH), "prompts": len(rows)}
     answers = {}
     for name in ("tuned", "base"):
-        responses, speed = _generate(generators[name], prompts, s.max_new_tokens, s.batch_size)
+        def answer(name=name):
+            return list(_generate(generators[name], prompts, s.max_new_tokens, s.batch_size))
+
+        responses, speed = (answer() if name == "tuned" else
+                            base_memo.get("instruction_following", [prompts, s.max_new_tokens, s.batch_size], answer))
         scored = ifeval.score(rows, responses)
         checks = scored.pop("checks")
         result[name] = {**scored, "generation": speed}
@@ -229,9 +299,10 @@ def _forgetting(models: _Models, corpus_texts: list[str] | None, s: EvalSettings
         texts, source = corpus_texts, str(s.corpus)
     elif s.corpus_samples > 0:
         _say(console, f"forgetting: sampling {s.corpus_samples} continuations from the base model (seed {s.seed})")
-        texts = measures.sample_continuations(models.base, models.base_tokenizer,
-                                              measures.neutral_prompts(s.corpus_samples, s.seed),
-                                              s.corpus_tokens, s.seed, s.batch_size)
+        openings = measures.neutral_prompts(s.corpus_samples, s.seed)
+        texts = models.memo.get("forgetting_corpus", [openings, s.corpus_tokens, s.seed, s.batch_size],
+                                lambda: measures.sample_continuations(models.base, models.base_tokenizer, openings,
+                                                                      s.corpus_tokens, s.seed, s.batch_size))
         source = "base_samples"
     else:
         texts, source = [], None
@@ -258,7 +329,8 @@ def _forgetting(models: _Models, corpus_texts: list[str] | None, s: EvalSettings
     return forgetting
 
 
-def _side_by_side(generators: dict, config, examples: list, rows: list[dict], s: EvalSettings, console) -> list[dict]:
+def _side_by_side(generators: dict, config, examples: list, rows: list[dict], s: EvalSettings, console,
+                  base_memo: BaseMemo) -> list[dict]:
     """Held-out prompts (else suite prompts) answered by both models, beside the reference."""
     if s.side_by_side <= 0:
         return []
@@ -270,7 +342,9 @@ def _side_by_side(generators: dict, config, examples: list, rows: list[dict], s:
         _say(console, f"side by side: {len(pairs)} prompts")
         prompts = [(p["instruction"], p["input"]) for p in pairs]
         tuned_answers, _ = _generate(generators["tuned"], prompts, s.max_new_tokens, s.batch_size)
-        base_answers, _ = _generate(generators["base"], prompts, s.max_new_tokens, s.batch_size)
+        base_answers = base_memo.get("side_by_side", [prompts, s.max_new_tokens, s.batch_size],
+                                          lambda: _generate(generators["base"], prompts, s.max_new_tokens,
+                                                       s.batch_size)[0])
         for pair, b, tu in zip(pairs, base_answers, tuned_answers):
             pair["base"], pair["tuned"] = b, tu
     return pairs

@@ -40,6 +40,8 @@ class EvalSettings(Settings):
     max_corpus_chunks: int | None = Field(64, ge=1, description="most chunks of general text to score")
     seed: int = Field(0, description="seed for sampling the forgetting corpus and lm-eval")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
+    cache: bool = Field(True, description="reuse the base model's generated text from an earlier eval with the same "
+                                          "base model files, prompts and settings ($SFTLAB_HOME/cache/memo)")
 
     @field_validator("limit")
     @classmethod
