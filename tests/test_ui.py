@@ -101,6 +101,23 @@ def test_events_send_the_backlog_then_end_for_a_finished_run(client):
     assert blocks[-1].startswith("event: end")
 
 
+def test_runs_table_reads_a_metrics_file_again_only_when_it_changes(tmp_path):
+    from sftlab.ui.runs import metrics_summary
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0, "val_loss": 1.5}\n{"step": 2, "loss": 1.8}\n')
+    assert metrics_summary(tmp_path) == ({"step": 2, "loss": 1.8}, 1.5)
+    st = path.stat()
+    with open(path, "r+") as f:  # same size, same inode, mtime put back: the kept summary is served
+        f.write('{"step": 7')
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert metrics_summary(tmp_path) == ({"step": 2, "loss": 1.8}, 1.5)
+    with open(path, "a") as f:  # a new line: read again (the broken first line is skipped)
+        f.write('{"step": 3, "loss": 1.6, "val_loss": 1.4}\n')
+    assert metrics_summary(tmp_path) == ({"step": 3, "loss": 1.6, "val_loss": 1.4}, 1.4)
+    assert metrics_summary(tmp_path / "none") == ({}, None)
+
+
 def test_data_page_reports_counts_histograms_and_the_drop_reason(client, runs):
     info = _ok(client.get("/api/data", params={"run": "tiny"}))
     saved = json.loads((runs / "tiny" / "data_report.json").read_text())

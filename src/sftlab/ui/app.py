@@ -208,7 +208,8 @@ def create_ui_app(runs: str | Path = "runs", token: str | None = None) -> FastAP
             config_path = ui.jobs.config_of(folder)
         except UIError:
             config_path = None
-        return {"row": run_row(root, folder), "status": run_state(folder),
+        status = run_state(folder)
+        return {"row": run_row(root, folder, status), "status": status,
                 "config_path": str(config_path) if config_path else None,
                 "config_text": config_path.read_text() if config_path else "",
                 "summary": json.loads(summary.read_text()) if summary.is_file() else None, "log_tail": tail}

@@ -117,16 +117,40 @@ def _data_names(config: dict) -> list[str]:
     return [Path(str(item.get("path", "")) if isinstance(item, dict) else str(item)).name for item in items]
 
 
-def run_row(root: Path, folder: Path) -> dict:
-    """One line of the Runs table."""
-    config, summary = read_config(folder), _read_json(folder / "train_summary.json") or {}
-    state = run_state(folder)
+_METRIC_SUMMARIES: dict[str, tuple[tuple, dict, float | None]] = {}
+
+
+def metrics_summary(folder: Path) -> tuple[dict, float | None]:
+    """(the last metrics record, the lowest val_loss) of a run. The Runs page asks every few
+    seconds for every run, so a file's summary is kept until its size or mtime changes (a
+    finished run's metrics.jsonl is read once, a running one's when it grows)."""
+    path = folder / "metrics.jsonl"
+    try:
+        st = path.stat()
+    except OSError:
+        return {}, None
+    key = str(path.resolve())
+    signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+    known = _METRIC_SUMMARIES.get(key)
+    if known is not None and known[0] == signature:
+        return known[1], known[2]
     records, _ = read_metrics(folder)
     val = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    value = (records[-1] if records else {}, min(val) if val else None)
+    if len(_METRIC_SUMMARIES) >= 4096:
+        _METRIC_SUMMARIES.clear()
+    _METRIC_SUMMARIES[key] = (signature, *value)
+    return value
+
+
+def run_row(root: Path, folder: Path, state: dict | None = None) -> dict:
+    """One line of the Runs table (`state`: the run's run_state, when the caller has it)."""
+    config, summary = read_config(folder), _read_json(folder / "train_summary.json") or {}
+    state = state or run_state(folder)
+    last, lowest = metrics_summary(folder)
     best = summary.get("best_val_loss")
-    if best is None and val:
-        best = min(val)
-    last = records[-1] if records else {}
+    if best is None:
+        best = lowest
     metrics = folder / "metrics.jsonl"
     return {
         "id": run_id(root, folder),
