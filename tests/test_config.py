@@ -1,6 +1,8 @@
 """The run config: defaults, overrides, unknown keys, path resolution."""
 
 import json
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -83,3 +85,10 @@ def test_sftlab_config_lists_every_key_with_its_default():
     assert result.exit_code == 0, result.output
     assert "data[].path" in result.output and "(required)" in result.output
     assert "lora.target_modules" in result.output and '"all-linear"' in result.output
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "examples").glob("*.yaml")))
+def test_every_example_config_loads_and_its_data_exists(name):
+    cfg = load_config(Path(__file__).parents[1] / "examples" / name)
+    for source in [*cfg.data, *cfg.eval_data]:
+        assert Path(source.path).is_file(), source.path
