@@ -298,11 +298,14 @@ def _forgetting(models: _Models, corpus_texts: list[str] | None, s: EvalSettings
     if corpus_texts is not None:
         texts, source = corpus_texts, str(s.corpus)
     elif s.corpus_samples > 0:
-        _say(console, f"forgetting: sampling {s.corpus_samples} continuations from the base model (seed {s.seed})")
         openings = measures.neutral_prompts(s.corpus_samples, s.seed)
-        texts = models.memo.get("forgetting_corpus", [openings, s.corpus_tokens, s.seed, s.batch_size],
-                                lambda: measures.sample_continuations(models.base, models.base_tokenizer, openings,
-                                                                      s.corpus_tokens, s.seed, s.batch_size))
+
+        def sample() -> list[str]:
+            _say(console, f"forgetting: sampling {s.corpus_samples} continuations from the base model (seed {s.seed})")
+            return measures.sample_continuations(models.base, models.base_tokenizer, openings, s.corpus_tokens,
+                                                 s.seed, s.batch_size)
+
+        texts = models.memo.get("forgetting_corpus", [openings, s.corpus_tokens, s.seed, s.batch_size], sample)
         source = "base_samples"
     else:
         texts, source = [], None
