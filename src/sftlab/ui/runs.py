@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from sftlab.data import memo
 from sftlab.errors import SftlabError
 from sftlab.train.status import run_state
 
@@ -117,20 +118,18 @@ def _data_names(config: dict) -> list[str]:
     return [Path(str(item.get("path", "")) if isinstance(item, dict) else str(item)).name for item in items]
 
 
-_METRIC_SUMMARIES: dict[str, tuple[tuple, dict, float | None]] = {}
+_METRIC_SUMMARIES: dict[str, tuple[list, dict, float | None]] = {}
 
 
 def metrics_summary(folder: Path) -> tuple[dict, float | None]:
     """(the last metrics record, the lowest val_loss) of a run. The Runs page asks every few
-    seconds for every run, so a file's summary is kept until its size or mtime changes (a
-    finished run's metrics.jsonl is read once, a running one's when it grows)."""
+    seconds for every run, so a file's summary is kept until its stat signature (size, mtime,
+    inode) changes: a finished run's metrics.jsonl is read once, a running one's when it grows."""
     path = folder / "metrics.jsonl"
     try:
-        st = path.stat()
+        key, *signature = memo.file_signature(path)
     except OSError:
         return {}, None
-    key = str(path.resolve())
-    signature = (st.st_size, st.st_mtime_ns, st.st_ino)
     known = _METRIC_SUMMARIES.get(key)
     if known is not None and known[0] == signature:
         return known[1], known[2]
