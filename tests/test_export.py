@@ -175,8 +175,9 @@ def test_the_builtin_templates_jinja_renders_every_fixture_exactly(name, tokeniz
     assert len(conversations) > 10
     for conversation in conversations:
         for messages, generation in ((conversation.messages, False), (conversation.prompt_messages(), True)):
-            assert render_jinja(template.jinja, messages, generation, eos_token=template.eos_token) == \
-                template.render_messages(messages, generation)
+            assert render_jinja(template.jinja, template.jinja_messages(messages), generation, conversation.tools,
+                                eos_token=template.eos_token) == template.render_messages(messages, generation,
+                                                                                          conversation.tools)
         template.check_jinja(conversation)
 
 

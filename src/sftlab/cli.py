@@ -125,6 +125,21 @@ def _print_report(report: dict) -> None:
         ("prompt p50/p90/max", lambda r: pct(r, "prompt_length_percentiles")),
         ("turns p50/max", lambda r: f"{r['turns_percentiles'].get('p50', '-')} / {r['turns_percentiles'].get('max', '-')}"),
     ]
+    total = report["total"]
+    agent = total.get("agent_rows", {})
+    for kind, label in (("tools", "rows with tools"), ("tool_calls", "  with tool calls"),
+                        ("parallel_tool_calls", "  with parallel calls"), ("tool_results", "  with tool results"),
+                        ("reasoning", "rows with reasoning"), ("untrained_turns", "rows with weight-0 turns")):
+        if agent.get(f"rows_with_{kind}"):  # shown only for data that has them
+            lines.append((label, lambda r, k=kind: f"{r.get('agent_rows', {}).get(f'rows_with_{k}', 0):,}"))
+    views = total.get("turn_views", {})
+    if views.get("rows_with_turn_views"):
+        lines += [("rows with turn views", lambda r: f"{r['turn_views']['rows_with_turn_views']:,}"),
+                  ("  extra sequences", lambda r: f"{r['turn_views']['turn_view_sequences']:,}"),
+                  ("  their tokens", lambda r: f"{r['turn_views']['turn_view_tokens']:,}")]
+    for key, label in (("empty_think_masked", "empty think masked"), ("reasoning_masked", "turns reasoning masked")):
+        if views.get(key):
+            lines.append((label, lambda r, k=key: f"{r['turn_views'][k]:,}"))
     for label, cell in lines:
         table.add_row(label, *(cell(r) for r in sources))
     console.print(table)
@@ -132,8 +147,16 @@ def _print_report(report: dict) -> None:
     if dropped:
         console.print("dropped by reason: " + ", ".join(f"{k}: {v}" for k, v in dropped.items()), highlight=False)
     split = report["split"]
-    console.print(f"split: {split['train_rows']} train / {split['val_rows']} validation rows; "
+    sequences = ""
+    if split.get("train_sequences", split["train_rows"]) != split["train_rows"]:
+        sequences = f" ({split['train_sequences']} / {split['val_sequences']} sequences with the turn views)"
+    console.print(f"split: {split['train_rows']} train / {split['val_rows']} validation rows{sequences}; "
                   f"template {report['template']}, train_on {report['train_on']}", highlight=False)
+    if views.get("rows_with_turn_views"):
+        console.print(f"{views['rows_with_turn_views']:,} conversations render earlier turns differently than the "
+                      f"template shows them at inference: those turns train in views of their own "
+                      f"(+{views['turn_view_sequences']:,} sequences, +{views['turn_view_tokens']:,} tokens)",
+                      highlight=False)
     if report.get("cache") == "hit":
         console.print(f"tokenized data reused from the cache ({report['cache_key']})", highlight=False)
     if report.get("resumed"):

@@ -77,8 +77,21 @@ class RunConfig(_Strict):
     template: str = Field(
         "alpaca", description="prompt template: alpaca, chatml, tokenizer (the model's own), or a .jinja file"
     )
+    template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="variables for a Jinja chat template (template: tokenizer or a .jinja file) at training, "
+        "inference, serving and export alike, e.g. {enable_thinking: false}",
+    )
     train_on: Literal["assistant", "last", "all"] = Field(
-        "assistant", description="which tokens carry loss: every assistant turn, the last one, or all tokens"
+        "assistant", description="which tokens carry loss: every trained assistant turn (weight 1), the last one, or "
+        "all tokens"
+    )
+    train_reasoning: bool = Field(
+        True, description="train the reasoning of trained assistant turns; false keeps it in the text as masked context"
+    )
+    train_empty_think: bool = Field(
+        False, description="train the empty think block a template writes for a turn without reasoning (false: "
+        "masked and counted in the data report; training it teaches the model to skip thinking)"
     )
     drop_leading_assistant: bool = Field(False, description="repair: drop assistant turns before the first user turn")
     merge_consecutive_roles: bool = Field(False, description="repair: join consecutive turns of the same role")

@@ -64,7 +64,7 @@ def _base_dtype(info: dict, model) -> str:
 def export(run: str | Path, output: str | Path, dtype: str | None = None, gguf: str | None = None,
            ollama: bool = False, max_shard_size: str = "2GB", say=print) -> dict:
     """Export a run (directory, checkpoint folder or final/) into `output`; returns what was written."""
-    from sftlab.data.templates import get_template
+    from sftlab.data.templates import run_template
     from sftlab.infer.engine import stop_tokens
     from sftlab.models.loading import load_for_inference, read_run_info
 
@@ -85,12 +85,12 @@ def export(run: str | Path, output: str | Path, dtype: str | None = None, gguf: 
     info = read_run_info(checkpoint)
     say(f"loading {checkpoint} ({info.get('method', 'full')}{', merging the adapter' if info.get('method') == 'lora' else ''})")
     model, tokenizer, _ = load_for_inference(str(checkpoint), torch.device("cpu"))
-    template = get_template(info.get("template", "alpaca"), tokenizer)
+    template = run_template(info, tokenizer)
     dtype = dtype or _base_dtype(info, model)
     model = model.to(DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-    tokenizer.chat_template = template.jinja
+    tokenizer.chat_template = template.export_jinja  # the run's template_kwargs become its defaults
     tokenizer.save_pretrained(out)
     stop_ids = sorted(stop_tokens(tokenizer, model, template)[0])
     _generation_config(model, tokenizer, stop_ids, out)
@@ -147,6 +147,8 @@ def model_card(info: dict, run_dir: Path | None, dtype: str, stop_ids: list[int]
              f"- method: {info.get('method', 'full')} (exported merged, {dtype})",
              f"- template: `{info.get('template')}` — the tokenizer's `chat_template` renders exactly the training "
              f"prompt; `apply_chat_template(messages, add_generation_prompt=True)` is the prompt to use",
+             *([f"- template_kwargs: `{json.dumps(info['template_kwargs'])}` — written into the chat template as its "
+                f"defaults (a caller's own values still win)"] if info.get("template_kwargs") else []),
              f"- training on: {info.get('train_on')} tokens, max_length {info.get('max_length')}",
              f"- generation stops at token ids {stop_ids} "
              f"({', '.join(repr(tokenizer.convert_ids_to_tokens(i)) for i in stop_ids)})", ""]

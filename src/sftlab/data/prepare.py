@@ -25,20 +25,22 @@ import numpy as np
 
 from sftlab.config import DataSource, RunConfig
 from sftlab.data import memo
-from sftlab.data.formats import FORMATS, Conversation, FormatOptions, Message, detect_format
+from sftlab.data.formats import FORMATS, Conversation, FormatOptions, conversation_kinds, detect_format
 from sftlab.data.readers import DataError, read_rows
 from sftlab.data.store import StoreView, StoreWriter, TokenStore
 from sftlab.data.templates import (
-    JinjaTemplate, TemplateError, check_consistency, get_template, template_fingerprint,
+    JinjaTemplate, TemplateConsistencyError, TemplateError, check_consistency, get_template, template_fingerprint,
 )
-from sftlab.data.tokenize import Dropped, Example, tokenize_rendered
+from sftlab.data.tokenize import Dropped, TokenizedRow, tokenize_rows
 
 TOKENIZE_BATCH = 256  # the fast tokenizer is much quicker on batches than on single texts
 CONSISTENCY_SAMPLE = 8  # rows per source whose inference prompts are checked token by token
-CACHE_FORMAT = 6  # bump when the cached layout or the preparation logic changes (5: the token store; 6: numpy splits)
+CACHE_FORMAT = 7  # bump when the cached layout or the preparation logic changes (6: numpy splits; 7: agent rows, views)
 # the run config keys that change the prepared data (part of the cache key)
 KEY_OPTIONS = frozenset({"max_length", "train_on", "on_error", "drop_leading_assistant", "merge_consecutive_roles",
-                         "drop_trailing_user", "drop_duplicates", "val_fraction", "seed"})
+                         "drop_trailing_user", "drop_duplicates", "val_fraction", "seed", "template_kwargs",
+                         "train_reasoning", "train_empty_think"})
+ROW_KINDS = ("tools", "tool_calls", "parallel_tool_calls", "tool_results", "reasoning", "untrained_turns")
 REPORT_DROPPED = 1000  # dropped rows listed in the report (all of them are in the store's dropped.jsonl)
 
 
@@ -118,6 +120,11 @@ class Histogram:
         return {"min": at(0), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": at(n - 1)}
 
 
+# Counters of the views that train turns in their own context (see sftlab.data.templates).
+VIEW_COUNTS = ("rows_with_turn_views", "turn_view_sequences", "turn_view_tokens", "turn_views_truncated_away",
+               "empty_think_masked", "reasoning_masked")
+
+
 @dataclass
 class SourceReport:
     path: str
@@ -126,6 +133,7 @@ class SourceReport:
     rows_read: int = 0
     rows_kept: int = 0
     rows_used: int = 0  # after weight / max_rows sampling (repeats counted)
+    sequences: int = 0  # kept sequences: a row and its further views
     dropped: Counter = field(default_factory=Counter)
     duplicates: int = 0
     truncated: int = 0
@@ -138,23 +146,32 @@ class SourceReport:
     trained_lengths: Histogram = field(default_factory=Histogram)
     turns: Histogram = field(default_factory=Histogram)
     roles: Counter = field(default_factory=Counter)
+    kinds: Counter = field(default_factory=Counter)  # rows with tools, tool calls, ... (ROW_KINDS)
+    views: Counter = field(default_factory=Counter)  # VIEW_COUNTS
 
     def add_conversations(self, conversations: list[Conversation]) -> None:
         self.turns.add([sum(m.role in ("user", "assistant") for m in c.messages) for c in conversations])
         for c in conversations:
             self.roles.update(m.role for m in c.messages)
+            self.kinds.update(conversation_kinds(c))
 
-    def add(self, results: list[Example | Dropped]) -> None:
+    def add(self, results: list[TokenizedRow | Dropped]) -> None:
         lengths, trained_counts = [], []
         for item in results:
             if isinstance(item, Dropped):
                 self.dropped[item.reason] += 1
                 continue
             self.rows_kept += 1
-            self.truncated += item.truncated
-            self.lost_end_token += item.lost_end_token
-            self.boundary_merged += item.boundary_merged
-            lengths.append(len(item))
+            self.sequences += len(item.examples)
+            self.truncated += any(e.truncated for e in item.examples) or item.views_truncated_away > 0
+            self.lost_end_token += any(e.lost_end_token for e in item.examples)
+            self.boundary_merged += any(e.boundary_merged for e in item.examples)
+            if item.extra_views:
+                self.views.update(rows_with_turn_views=1, turn_view_sequences=item.extra_views,
+                                  turn_view_tokens=item.extra_view_tokens)
+            self.views.update(turn_views_truncated_away=item.views_truncated_away,
+                              empty_think_masked=item.empty_think_masked, reasoning_masked=item.reasoning_masked)
+            lengths.append(item.tokens)
             trained_counts.append(item.trained_token_count)
         lengths, trained_counts = np.asarray(lengths, dtype=np.int64), np.asarray(trained_counts, dtype=np.int64)
         self.tokens += int(lengths.sum())
@@ -168,7 +185,10 @@ class SourceReport:
         self.dropped.update(other.dropped)
         self.duplicates += other.duplicates
         self.roles.update(other.roles)
-        for name in ("rows_kept", "truncated", "lost_end_token", "boundary_merged", "tokens", "trained_tokens"):
+        self.kinds.update(other.kinds)
+        self.views.update(other.views)
+        for name in ("rows_kept", "sequences", "truncated", "lost_end_token", "boundary_merged", "tokens",
+                     "trained_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("lengths", "prompt_lengths", "trained_lengths", "turns"):
             getattr(self, name).merge(getattr(other, name))
@@ -189,6 +209,9 @@ class SourceReport:
             "trained_length_percentiles": self.trained_lengths.percentiles(),
             "turns_percentiles": self.turns.percentiles(),
             "role_counts": dict(self.roles),
+            "sequences": self.sequences,
+            "agent_rows": {f"rows_with_{kind}": self.kinds.get(kind, 0) for kind in ROW_KINDS},
+            "turn_views": {name: self.views.get(name, 0) for name in VIEW_COUNTS},
         }
 
 
@@ -230,6 +253,8 @@ def _sample(rows: np.ndarray, weight: float, max_rows: int | None, rng: np.rando
 def _conversation_key(c: Conversation) -> int:
     """8 bytes a conversation for exact-duplicate detection (not the conversation itself)."""
     text = "\x1e".join(f"{m.role}\x1f{m.content}" for m in c.messages)
+    if c.tools or any(len(m.to_tuple()) > 3 for m in c.messages):  # agent rows: calls, results, reasoning count too
+        text += "\x1d" + json.dumps([c.to_json()[1:]], sort_keys=True, default=str)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
@@ -327,7 +352,7 @@ def _load_cache(folder: Path) -> PreparedData | None:
     except (OSError, ValueError, KeyError):
         return None
     meta = store.meta
-    samples = [Conversation(tuple(Message(*m) for m in messages), source) for source, messages in meta["samples"]]
+    samples = [Conversation.from_json(item) for item in meta["samples"]]
     return PreparedData(store.split("train"), store.split("val"), meta["report"], samples, store)
 
 
@@ -476,27 +501,53 @@ class _BackendOnly:
         self.backend_tokenizer = backend
 
 
-def _init_worker(tokenizer, template, train_on: str, max_length: int) -> None:
+def _init_worker(tokenizer, template, options: dict) -> None:
     import os
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _worker_state.update(tokenizer=tokenizer, template=template, train_on=train_on, max_length=max_length)
+    _worker_state.update(tokenizer=tokenizer, template=template, **options)
 
 
-def _pack(chunk: list[Conversation]) -> list[tuple]:
+def _pack(chunk: list[Conversation]) -> list:
     """Conversations as plain tuples: pickled to a worker about twice as fast as the dataclasses."""
-    return [(c.source, tuple((m.role, m.content, m.trained) for m in c.messages)) for c in chunk]
+    return [c.to_json() for c in chunk]
 
 
-def _unpack(packed: list[tuple]) -> list[Conversation]:
-    return [Conversation(tuple(Message(*m) for m in messages), source) for source, messages in packed]
+def _unpack(packed: list) -> list[Conversation]:
+    return [Conversation.from_json(item) for item in packed]
 
 
-def _render_and_tokenize(chunk: list, state: dict | None = None) -> list[Example | Dropped]:
+ROW_TEMPLATE_ERRORS = (DataError, TemplateConsistencyError)  # a row the template cannot render as trained
+
+
+def _row_error(exc: Exception, source: str, on_error: str) -> Dropped:
+    """A row the template cannot render: raised with its location (on_error raise), or dropped."""
+    if on_error == "raise":
+        if isinstance(exc, DataError):
+            raise DataError(f"{exc}\n(set `on_error: skip` to drop such rows and count them instead)", exc.reason) from None
+        raise exc
+    return Dropped(source, getattr(exc, "reason", "template_error"), str(exc))
+
+
+def _render_options(config: RunConfig) -> dict:
+    return {"train_reasoning": config.train_reasoning, "train_empty_think": config.train_empty_think}
+
+
+def _render_and_tokenize(chunk: list, state: dict | None = None) -> list[TokenizedRow | Dropped]:
     if state is None:  # in a worker: the chunk came packed
         state, chunk = _worker_state, _unpack(chunk)
-    rendered = [state["template"].render(c, state["train_on"]) for c in chunk]
-    return tokenize_rendered(state["tokenizer"], rendered, [c.source for c in chunk], state["max_length"])
+    results: list = [None] * len(chunk)
+    rendered, kept = [], []
+    for k, conversation in enumerate(chunk):
+        try:
+            rendered.append(state["template"].render(conversation, state["train_on"], **state["render"]))
+            kept.append(k)
+        except ROW_TEMPLATE_ERRORS as exc:
+            results[k] = _row_error(exc, conversation.source, state["on_error"])
+    tokenized = tokenize_rows(state["tokenizer"], rendered, [chunk[k].source for k in kept], state["max_length"])
+    for k, item in zip(kept, tokenized):
+        results[k] = item
+    return results
 
 
 class _ChunkTokenizer:
@@ -505,11 +556,12 @@ class _ChunkTokenizer:
     are in flight, so memory does not grow with the data."""
 
     def __init__(self, tokenizer, template, config: RunConfig, num_proc: int):
-        self.state = {"tokenizer": tokenizer, "template": template, "train_on": config.train_on,
-                      "max_length": config.max_length}
+        options = {"train_on": config.train_on, "max_length": config.max_length, "on_error": config.on_error,
+                   "render": _render_options(config)}
+        self.state = {"tokenizer": tokenizer, "template": template, **options}
         backend = getattr(tokenizer, "backend_tokenizer", None)
         light = backend is not None and not isinstance(template, JinjaTemplate)  # Jinja renders with the tokenizer
-        self.init_args = (_BackendOnly(backend) if light else tokenizer, template, config.train_on, config.max_length)
+        self.init_args = (_BackendOnly(backend) if light else tokenizer, template, options)
         self.num_proc, self.pool, self.pending = num_proc, None, []
 
     def submit(self, chunk: list[Conversation], rows_so_far: int) -> None:
@@ -608,7 +660,7 @@ class _Preparation:
             self.chunk = []
         for results in self.workers.ready(drain):
             self.report.add(results)
-            kept = [r for r in results if isinstance(r, Example)]
+            kept = [e for r in results if isinstance(r, TokenizedRow) for e in r.examples]
             self.writer.add(kept)
             self._drop([r for r in results if isinstance(r, Dropped)])
             self.total_tokens += sum(len(e) for e in kept)
@@ -660,28 +712,38 @@ class _Preparation:
                 self._drop([Dropped(conversation.source, "duplicate", "an identical conversation came earlier")])
                 return
         if self.checked < CONSISTENCY_SAMPLE:
+            options = _render_options(config)
+            try:
+                self.template.render(conversation, config.train_on, **options)
+            except ROW_TEMPLATE_ERRORS as exc:  # a row the template cannot render: not a sample
+                dropped = _row_error(exc, conversation.source, config.on_error)
+                report.dropped[dropped.reason] += 1
+                self._drop([dropped])
+                return
             self.checked += 1
             if all(m.role != "text" for m in conversation.messages):  # the Jinja text is what export writes
                 self.template.check_jinja(conversation)
             if config.train_on != "all" and any(m.role == "assistant" for m in conversation.messages):
-                check_consistency(self.template, self.tokenizer, conversation, config.train_on)
+                check_consistency(self.template, self.tokenizer, conversation, config.train_on, **options)
                 self.samples.append(conversation)
         self.chunk.append(conversation)
 
     def _finish_source(self, split: str, source: DataSource) -> None:
         config, report = self.config, self.report
         report.format = self.fmt or "unknown"
-        rows = np.arange(self.first_row, self.writer.rows, dtype=np.int64)  # this source's kept rows in the store
-        if split == "train" and not config.eval_data and config.val_fraction > 0 and len(rows):
+        # this source's kept conversations: the store row each starts at (its further views follow it)
+        starts = self.writer.conversation_starts(self.first_row)
+        conversations = np.arange(len(starts), dtype=np.int64)
+        if split == "train" and not config.eval_data and config.val_fraction > 0 and len(starts):
             # a stable split per source: the same seed and data give the same held-out rows
-            held = np.zeros(len(rows), dtype=bool)
-            held[np.random.default_rng(config.seed).permutation(len(rows))[: max(1, round(len(rows) * config.val_fraction))]] = True
-            self.splits["val"].append(rows[held])
-            rows = rows[~held]
+            held = np.zeros(len(starts), dtype=bool)
+            held[np.random.default_rng(config.seed).permutation(len(starts))[: max(1, round(len(starts) * config.val_fraction))]] = True
+            self.splits["val"].append(_store_rows(starts, conversations[held], self.writer.rows))
+            conversations = conversations[~held]
         if split == "train":
-            rows = _sample(rows, source.weight, source.max_rows, self.rng)
-        report.rows_used = len(rows)
-        self.splits[split].append(rows)
+            conversations = _sample(conversations, source.weight, source.max_rows, self.rng)
+        report.rows_used = len(conversations)
+        self.splits[split].append(_store_rows(starts, conversations, self.writer.rows))
         self.reports.append(report)
         self.report, self.si = None, self.si + 1
 
@@ -692,7 +754,7 @@ class _Preparation:
         total = SourceReport(path="(all)", split="all")
         for r in self.reports:
             total.merge(r)
-        total.rows_used = len(train) + len(val)
+        total.rows_used = self.writer.conversation_count(train) + self.writer.conversation_count(val)
         report = {
             "template": self.template.name,
             "train_on": self.config.train_on,
@@ -700,17 +762,29 @@ class _Preparation:
             "tokenizer": getattr(self.tokenizer, "name_or_path", ""),
             "sources": [r.as_dict() for r in self.reports],
             "total": total.as_dict(),
-            "split": {"train_rows": len(train), "val_rows": len(val),
+            "split": {"train_rows": self.writer.conversation_count(train), "val_rows": self.writer.conversation_count(val),
+                      "train_sequences": len(train), "val_sequences": len(val),
                       "train_trained_tokens": self.writer.trained_tokens(train)},
             "dropped_rows": [{"source": d.source, "reason": d.reason, "detail": d.detail} for d in self.first_dropped],
             "cache": "miss" if self.key else "off",
             "cache_key": self.key,
         }
-        meta = {"report": report,
-                "samples": [[c.source, [[m.role, m.content, m.trained] for m in c.messages]] for c in self.samples]}
+        meta = {"report": report, "samples": [c.to_json() for c in self.samples]}
         for name in (PROGRESS, PROGRESS + ".tmp"):
             (self.folder / name).unlink(missing_ok=True)
         self.writer.finish(train, val, meta)
+
+
+def _store_rows(starts: np.ndarray, conversations: np.ndarray, end: int) -> np.ndarray:
+    """The store rows of the chosen conversations (each with its further views), in order."""
+    if not len(conversations):
+        return np.zeros(0, dtype=np.int64)
+    ends = np.append(starts[1:], end)
+    first, count = starts[conversations], (ends - starts)[conversations]
+    if np.all(count == 1):
+        return first
+    offsets = np.repeat(np.cumsum(count) - count, count)
+    return np.repeat(first, count) + (np.arange(int(count.sum())) - offsets)
 
 
 def _write_store(config: RunConfig, tokenizer, template, folder: Path, key: str | None, show: bool) -> bool:

@@ -7,7 +7,8 @@ A store is one folder (an entry of the data cache, or a run's temporary folder):
 ``trained.bin``        one byte a token: 1 where the token is trained (its label is its id), 0 where -100
 ``offsets.bin``        int64, rows + 1: row r is tokens ``offsets[r]:offsets[r+1]``
 ``trained_counts.bin`` int32 a row: its trained tokens (position 0 excluded, as the loss does)
-``flags.bin``          uint8 a row: 1 truncated, 2 a token spans the prompt/response boundary, 4 lost its end token
+``flags.bin``          uint8 a row: 1 truncated, 2 a token spans the prompt/response boundary, 4 lost its end token,
+                       8 a further view of the conversation of the row before it (see sftlab.data.templates)
 ``sources.txt``        each row's provenance (``file:line``), one a line; ``source_offsets.bin`` indexes it
 ``train.bin``          int64 row numbers of the training split (in order; a row may repeat: ``weight``)
 ``val.bin``            int64 row numbers of the validation split
@@ -31,7 +32,7 @@ import numpy as np
 from sftlab.data.tokenize import IGNORE_INDEX, Dropped, Example
 
 STORE_FORMAT = 1
-TRUNCATED, BOUNDARY_MERGED, LOST_END_TOKEN = 1, 2, 4
+TRUNCATED, BOUNDARY_MERGED, LOST_END_TOKEN, CONTINUES = 1, 2, 4, 8
 
 
 class StoreWriter:
@@ -85,11 +86,22 @@ class StoreWriter:
             self._lengths.append(len(e))
             self._counts.append(e.trained_token_count)
             self._flags.append(TRUNCATED * e.truncated | BOUNDARY_MERGED * e.boundary_merged
-                               | LOST_END_TOKEN * e.lost_end_token)
+                               | LOST_END_TOKEN * e.lost_end_token | CONTINUES * e.continues)
             line = e.source.replace("\n", " ").encode("utf-8") + b"\n"
             self._source_bytes += len(line)
             self._source_ends.append(self._source_bytes)
             self._sources.write(line)
+
+    def conversation_starts(self, first_row: int) -> np.ndarray:
+        """The store rows from `first_row` on that start a conversation (a row's further views
+        follow it, flagged CONTINUES)."""
+        flags = np.frombuffer(self._flags, dtype=np.uint8)[first_row:]
+        return first_row + np.flatnonzero((flags & CONTINUES) == 0)
+
+    def conversation_count(self, rows) -> int:
+        """How many conversations these store rows hold (rows that start one)."""
+        flags = np.frombuffer(self._flags, dtype=np.uint8)
+        return int(np.count_nonzero(flags[np.asarray(rows, dtype=np.int64)] & CONTINUES == 0)) if len(rows) else 0
 
     def trained_tokens(self, rows: list[int]) -> int:
         counts = np.frombuffer(self._counts, dtype=np.int32)
@@ -149,7 +161,7 @@ class TokenStore:
         labels = np.where(self.trained[start:end] != 0, ids, IGNORE_INDEX).astype(np.int32)
         flags = int(self.flags[row])
         return Example(ids, labels, self.source(row), bool(flags & TRUNCATED), bool(flags & BOUNDARY_MERGED),
-                       bool(flags & LOST_END_TOKEN))
+                       bool(flags & LOST_END_TOKEN), bool(flags & CONTINUES))
 
     def source(self, row: int) -> str:
         """A row's provenance, read from sources.txt only when asked."""

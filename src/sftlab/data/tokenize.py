@@ -1,5 +1,8 @@
 """Rendered text + trained spans -> input_ids + labels (-100 outside the trained spans).
 
+A rendered row is one sequence, or several (views, see sftlab.data.templates): each view is
+tokenized and truncated like a row of its own, and the row stays one row of the data report.
+
 The whole example is tokenized once; a token is trained when its first character lies inside
 a trained span (its offset from the fast tokenizer). Prompt and response are never tokenized
 separately, so the token boundary is the one the model sees. EOS is trained by position,
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sftlab.data.templates import Rendered
+from sftlab.data.templates import Rendered, RenderedRow
 
 IGNORE_INDEX = -100
 
@@ -25,6 +28,7 @@ class Example:
     truncated: bool = False
     boundary_merged: bool = False  # one token spanned a prompt/response boundary
     lost_end_token: bool = False  # truncation cut inside a trained response
+    continues: bool = False  # a further view of the conversation of the example before it
 
     @property
     def trained_token_count(self) -> int:
@@ -117,3 +121,67 @@ def tokenize_rendered(tokenizer, rendered: list[Rendered], sources: list[str], m
                 continue
         results.append(Example(ids, labels, source, truncated, merged, lost_end))
     return results
+
+
+@dataclass(frozen=True)
+class TokenizedRow:
+    """One conversation's sequences (its views), ready for the store, and what it cost."""
+
+    examples: tuple[Example, ...]
+    source: str
+    extra_views: int = 0  # sequences beyond the whole conversation (turns trained in their own context)
+    extra_view_tokens: int = 0  # their tokens
+    views_truncated_away: int = 0  # views whose trained tokens truncation cut away (the others are kept)
+    empty_think_masked: int = 0
+    reasoning_masked: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e) for e in self.examples)
+
+    @property
+    def trained_token_count(self) -> int:
+        return sum(e.trained_token_count for e in self.examples)
+
+
+def view_source(source: str, view: Rendered) -> str:
+    """The provenance of a further view: the row's, and the turn it trains first."""
+    return f"{source} · turn {view.turns[0][0]} view" if view.turns else source
+
+
+def tokenize_rows(tokenizer, rows: list[RenderedRow], sources: list[str], max_length: int) -> list[TokenizedRow | Dropped]:
+    """Tokenize rendered rows (each view a sequence of its own, truncated to max_length).
+
+    A view without trained tokens is not kept; a row none of whose views keeps a trained token
+    is dropped under the reason of its views (no_trained_tokens or response_truncated_away)."""
+    flat, owners = [], []
+    for k, row in enumerate(rows):
+        for v, view in enumerate(row.views):
+            if v == 0 and not view.trained_spans and len(row.views) > 1:
+                continue  # every trained turn of this row is in a view of its own
+            flat.append(view)
+            owners.append((k, v))
+    tokenized = tokenize_rendered(tokenizer, flat, [sources[k] if v == 0 else view_source(sources[k], rows[k].views[v])
+                                                    for k, v in owners], max_length)
+    per_row: list[list] = [[] for _ in rows]
+    for (k, v), item in zip(owners, tokenized):
+        per_row[k].append((v, item))
+    out: list[TokenizedRow | Dropped] = []
+    for k, items in enumerate(per_row):
+        kept = [(v, e) for v, e in items if isinstance(e, Example)]
+        dropped = [e for _, e in items if isinstance(e, Dropped)]
+        if not kept:
+            out.append(next((d for d in dropped if d.reason == "response_truncated_away"), dropped[0]) if dropped
+                       else Dropped(sources[k], "no_trained_tokens", "the rendered example has no trained token"))
+            continue
+        examples = tuple(e if n == 0 else _continuing(e) for n, (_, e) in enumerate(kept))
+        extra = [e for (v, _), e in zip(kept, examples) if v > 0]
+        out.append(TokenizedRow(examples, sources[k], len(extra), sum(len(e) for e in extra),
+                                sum(d.reason == "response_truncated_away" for d in dropped),
+                                rows[k].empty_think_masked, rows[k].reasoning_masked))
+    return out
+
+
+def _continuing(example: Example) -> Example:
+    return Example(example.input_ids, example.labels, example.source, example.truncated, example.boundary_merged,
+                   example.lost_end_token, continues=True)

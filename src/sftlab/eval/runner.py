@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -97,8 +97,12 @@ class BaseMemo:
         self.reused: list[str] = []
 
     @classmethod
-    def for_base(cls, base_name: str, template: str, device, enabled: bool, console: Console | None = None):
-        return cls(_base_signature(base_name, template, device) if enabled else None, console)
+    def for_base(cls, base_name: str, template: str, device, enabled: bool, console: Console | None = None,
+                 template_kwargs: dict | None = None):
+        signature = _base_signature(base_name, template, device) if enabled else None
+        if signature is not None and template_kwargs:
+            signature.append(sorted(template_kwargs.items()))
+        return cls(signature, console)
 
     def get(self, what: str, args: list, compute):
         """compute() (a JSON-able value), or what it returned for the same base and args before."""
@@ -149,12 +153,13 @@ class _Models:
     template: str
     same_vocab: bool  # KL and shared examples need the same token ids
     memo: BaseMemo
+    template_kwargs: dict = field(default_factory=dict)  # the run's template_kwargs
 
     def generators(self):
         from sftlab.infer.generate import Generator
 
-        return {"tuned": Generator(self.tuned, self.tokenizer, self.template),
-                "base": Generator(self.base, self.base_tokenizer, self.template)}
+        return {"tuned": Generator(self.tuned, self.tokenizer, self.template, self.template_kwargs),
+                "base": Generator(self.base, self.base_tokenizer, self.template, self.template_kwargs)}
 
 
 def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console: Console | None = None,
@@ -192,9 +197,11 @@ def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console:
         _say(console, f"loading the base model {base_name}")
         base_model, base_tokenizer, _ = load_for_inference(str(base_name), device)
         template = info.get("template", config.template)
+        template_kwargs = dict(info.get("template_kwargs") or config.template_kwargs)
         models = _Models(tuned, tokenizer, base_model, base_tokenizer, device, template,
                          measures.same_vocabulary(tokenizer, base_tokenizer),
-                         BaseMemo.for_base(base_name, template, device, s.cache, console))
+                         BaseMemo.for_base(base_name, template, device, s.cache, console, template_kwargs),
+                         template_kwargs)
         timings["load"] = _lap(t)
         report: dict = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

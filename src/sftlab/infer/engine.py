@@ -91,12 +91,11 @@ def stop_tokens(tokenizer, model=None, template=None) -> tuple[set[int], list[st
 
     add(tokenizer.eos_token_id)
     add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-    end_token = getattr(template, "end_token", None)
-    if end_token:
+    for end_token in getattr(template, "end_tokens", ()) or ():  # every token that closes a trained turn
         encoded = tokenizer.encode(end_token, add_special_tokens=False)
         if len(encoded) == 1:
             ids.add(encoded[0])
-        else:
+        elif end_token not in strings:
             strings.append(end_token)
     return ids, strings
 
@@ -642,7 +641,7 @@ class InferenceModel:
                    max_batch_size: int = 8, batch_window_ms: float = 20.0, get_template=None) -> "InferenceModel":
         if get_template is None:
             from sftlab.data.templates import get_template
-        template = get_template(template_name, tokenizer)
+        template = get_template(template_name, tokenizer, (run_info or {}).get("template_kwargs") or None)
         ids, strings = stop_tokens(tokenizer, model, template)
         context = context_length(model, tokenizer)
         engine = BatchEngine.for_tokenizer(model, tokenizer, ids, max_batch_size=max_batch_size,

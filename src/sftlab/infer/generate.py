@@ -7,7 +7,7 @@ with a KV cache, stopping at EOS and the template's end-of-turn token — the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,16 +22,18 @@ class Generator:
     model: object
     tokenizer: object
     template_name: str
+    template_kwargs: dict = field(default_factory=dict)  # the run's template_kwargs
 
     @classmethod
     def load(cls, model_or_run: str, template: str | None = None, device: torch.device | None = None) -> "Generator":
         """A run directory uses its saved template; a plain model uses `template` (default alpaca)."""
         model, tokenizer, info = load_for_inference(model_or_run, device)
-        return cls(model, tokenizer, template or info.get("template", "alpaca"))
+        return cls(model, tokenizer, template or info.get("template", "alpaca"), dict(info.get("template_kwargs") or {}))
 
     def prompt_text(self, instruction: str, input: str = "") -> str:
         messages = [Message("user", instruction)] + ([Message("input", input)] if input.strip() else [])
-        return get_template(self.template_name, self.tokenizer).render_prompt(Conversation(tuple(messages)))
+        template = get_template(self.template_name, self.tokenizer, self.template_kwargs or None)
+        return template.render_prompt(Conversation(tuple(messages)))
 
     def generate(
         self,
@@ -46,6 +48,7 @@ class Generator:
         prompt i samples with seed + i). Decoded by the engine `serve` and `chat` use, batch_size
         rows at a time, stopping at EOS and at the template's end-of-turn token."""
         inference = InferenceModel.from_model(self.model, self.tokenizer, self.template_name,
+                                              {"template_kwargs": self.template_kwargs},
                                               max_batch_size=batch_size, batch_window_ms=0.0)
         ids = [inference.encode(self.prompt_text(instruction, context)) for instruction, context in prompts]
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

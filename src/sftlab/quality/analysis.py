@@ -107,6 +107,7 @@ def token_counts(tokenizer, texts: list[str], special: bool = False, batch: int 
 
 def example_token_counts(tokenizer, conversations, template: str = "alpaca") -> list[int | None]:
     """Tokens of each whole rendered training example (template + special tokens); None if it cannot render."""
+    from sftlab.data.readers import DataError
     from sftlab.data.templates import TemplateError, get_template
 
     chat = get_template(template, tokenizer)
@@ -115,7 +116,7 @@ def example_token_counts(tokenizer, conversations, template: str = "alpaca") -> 
         try:
             texts.append(chat.render(c, "assistant").text)
             where.append(i)
-        except TemplateError:
+        except (TemplateError, DataError):  # e.g. a row with tools on a template without them
             pass
     counts: list[int | None] = [None] * len(conversations)
     for i, n in zip(where, token_counts(tokenizer, texts, special=True)):

@@ -43,6 +43,7 @@ Similar instructions (Self-Instruct's ROUGE-L > 0.7)
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -71,7 +72,12 @@ def normalize(text: str) -> str:
 
 
 def exact_key(conversation) -> str:
+    """Equal for conversations equal after normalisation; tool calls, tool lists and reasoning count too."""
     body = "\x1e".join(f"{m.role}\x1f{normalize(m.content)}" for m in conversation.messages)
+    extras = [[m.reasoning, [c.template_dict()["function"] for c in m.tool_calls]] for m in conversation.messages
+              if m.reasoning is not None or m.tool_calls]
+    if extras or conversation.tools:
+        body += "\x1d" + json.dumps([extras, list(conversation.tools)], sort_keys=True, default=str)
     return hashlib.sha1(body.encode("utf-8")).hexdigest()
 
 

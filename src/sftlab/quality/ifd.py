@@ -80,14 +80,22 @@ def response_alone(conversation):
 
 
 def _examples(conversations, template, tokenizer, max_length):
+    """Each conversation's whole rendering (a row the template cannot render is not scored: None)."""
+    from sftlab.data.prepare import ROW_TEMPLATE_ERRORS
     from sftlab.data.tokenize import Example, tokenize_rendered
 
     out = []
     for start in range(0, len(conversations), 256):
         chunk = conversations[start : start + 256]
-        rendered = [template.render(c, "assistant") for c in chunk]
-        results = tokenize_rendered(tokenizer, rendered, [c.source for c in chunk], max_length)
-        out += [r if isinstance(r, Example) else None for r in results]
+        rendered = []
+        for c in chunk:
+            try:
+                rendered.append(template.render(c, "assistant").views[0])
+            except ROW_TEMPLATE_ERRORS:
+                rendered.append(None)
+        texts = [(r, c.source) for r, c in zip(rendered, chunk) if r is not None]
+        results = iter(tokenize_rendered(tokenizer, [r for r, _ in texts], [s for _, s in texts], max_length))
+        out += [None if r is None else (lambda e: e if isinstance(e, Example) else None)(next(results)) for r in rendered]
     return out
 
 

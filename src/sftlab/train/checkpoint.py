@@ -43,7 +43,10 @@ def run_info(config: RunConfig, tokenizer) -> dict:
     return {
         "sftlab_version": __version__,
         "template": config.template,
+        "template_kwargs": dict(config.template_kwargs),
         "train_on": config.train_on,
+        "train_reasoning": config.train_reasoning,
+        "train_empty_think": config.train_empty_think,
         "base_model": config.model,
         "method": config.method,
         "max_length": config.max_length,
@@ -280,10 +283,12 @@ def verify_saved_template(folder: Path, samples, train_on: str) -> None:
     check that their prompts tokenize like the training rows (TemplateConsistencyError if not)."""
     from transformers import AutoTokenizer
 
-    from sftlab.data.templates import check_consistency, get_template
+    from sftlab.data.templates import check_consistency, run_template
     from sftlab.models.loading import read_run_info
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    template = get_template(read_run_info(folder)["template"], tokenizer)
+    info = read_run_info(folder)
+    template = run_template(info, tokenizer)
+    options = {"train_reasoning": info.get("train_reasoning", True), "train_empty_think": info.get("train_empty_think", False)}
     for conversation in samples:
-        check_consistency(template, tokenizer, conversation, train_on)
+        check_consistency(template, tokenizer, conversation, train_on, **options)
