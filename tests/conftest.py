@@ -58,3 +58,35 @@ def write_jsonl(path: Path, rows) -> Path:
 def gemma_tokenizer():
     """Gemma 3's real tokenizer (adds a BOS; 262k vocabulary). Pulls gemma3-270m once (~60 s)."""
     return load_tokenizer(str(pull("gemma3-270m")))
+
+
+# The control tokens of the model families the template tests imitate (Llama 3, Gemma, Mistral),
+# added to a copy of SmolLM2's tokenizer so each family's end-of-turn token is one token.
+FAMILY_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<start_of_turn>",
+                 "<end_of_turn>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                 "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama on SmolLM2's tokenizer with the FAMILY_TOKENS added as special tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(str(smollm2_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": FAMILY_TOKENS})
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    folder = tmp_path_factory.mktemp("tiny-family")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def family_tokenizer(family_model_dir):
+    return load_tokenizer(str(family_model_dir))

@@ -436,7 +436,7 @@ def prepare_data(config: RunConfig, tokenizer=None, use_cache: bool | None = Non
         from sftlab.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(config.model)
-    template = get_template(config.template, tokenizer)
+    template = get_template(config.template, tokenizer, config.template_kwargs or None)
     key = cache_key(config, tokenizer, template) if use_cache else None
     if quick is not None:
         memo.remember("cache-key", quick, key)

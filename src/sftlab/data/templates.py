@@ -79,6 +79,8 @@ class Rendered:
     text: str
     trained_spans: tuple[tuple[int, int], ...]
     turns: tuple[tuple[int, int], ...] = ()
+    # tokenize text[:split_at] and text[split_at:] apart (see sftlab.data.tokenize.exact_views)
+    split_at: int | None = None
 
     @property
     def prompt_end(self) -> int:
@@ -596,12 +598,13 @@ def check_consistency(template: Template, tokenizer, conversation: Conversation,
     prompt tokenizes to exactly the view's token ids before that turn's reply."""
     if train_on == "all":
         return
-    row = template.render(conversation, train_on, **options)
+    from sftlab.data.tokenize import exact_views, view_tokens
+
+    row = exact_views(tokenizer, template.render(conversation, train_on, **options))
     for view in row.views:
         if not view.turns:
             continue
-        encoded = tokenizer(view.text, add_special_tokens=True, return_offsets_mapping=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        ids, offsets = view_tokens(tokenizer, view)
         for turn, start in view.turns:
             prompt = template.generation_prompt(conversation.messages[:turn], conversation.tools)  # as inference renders it
             prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]

@@ -68,11 +68,103 @@ def _labels_from_offsets(ids: np.ndarray, offsets: np.ndarray, spans) -> tuple[n
     return trained, merged
 
 
-def _mask(tokenizer, texts: list[str], spans_per_text) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+def view_tokens(tokenizer, view: Rendered) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, character offsets) of a view as training tokenizes it: whole, or, for a view split at a
+    turn's reply, its context and its reply apart (the context then tokenizes as the inference
+    prompt does)."""
+    if view.split_at is None:
+        encoded = tokenizer(view.text, add_special_tokens=True, return_offsets_mapping=True)
+        return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    head = tokenizer(view.text[: view.split_at], add_special_tokens=True, return_offsets_mapping=True)
+    tail = tokenizer(view.text[view.split_at:], add_special_tokens=False, return_offsets_mapping=True)
+    shift = view.split_at
+    return (list(head["input_ids"]) + list(tail["input_ids"]),
+            [tuple(o) for o in head["offset_mapping"]] + [(s + shift, e + shift) for s, e in tail["offset_mapping"]])
+
+
+def _added_ids(backend) -> frozenset[int]:
+    return frozenset(backend.get_added_tokens_decoder())
+
+
+def _context_tokenizes_alone(backend, encoding, text: str, at: int, added: frozenset[int]) -> bool:
+    """Whether the view's tokens before character `at` are the tokens of text[:at] alone (the
+    inference prompt). Only the stretch after the last added token before `at` can differ (added
+    tokens split the text), so only that stretch is tokenized again."""
+    ids, offsets = encoding.ids, encoding.offsets
+    before = [k for k, (s, e) in enumerate(offsets) if s < at or (s == e == 0 and k == 0)]
+    end = before[-1] + 1 if before else 0
+    if end and offsets[end - 1][1] > at:  # a token straddles the reply's first character
+        return False
+    added_before = [k for k in range(end) if ids[k] in added and offsets[k][1] > offsets[k][0]]
+    start = added_before[-1] + 1 if added_before else next(
+        (k for k in range(end) if not encoding.special_tokens_mask[k]), end)
+    char = offsets[start - 1][1] if added_before else 0
+    return backend.encode(text[char:at], add_special_tokens=False).ids == ids[start:end]
+
+
+def _end_sensitive(text: str, at: int) -> bool:
+    """Whether a prompt ending at `at` may tokenize differently alone: it ends in whitespace other
+    than one newline before a non-space (which every common pre-tokenizer splits the same way)."""
+    if at == 0 or not text[at - 1].isspace():
+        return False
+    return not (text[at - 1] == "\n" and (at < 2 or not text[at - 2].isspace()) and at < len(text)
+                and not text[at].isspace())
+
+
+def exact_views(tokenizer, row: RenderedRow) -> RenderedRow:
+    """Move each turn whose context does not tokenize like its inference prompt into a view split
+    at its reply.
+
+    A prompt that ends in whitespace can tokenize differently at the end of the text (how the
+    inference prompt ends) than before the reply's first character (how the whole rendering
+    runs on): GPT-2-style tokenizers write "\n\n" before "It" as two tokens, and as one at the end.
+    Such a turn is trained on the prompt's own tokens followed by the reply's, so the model
+    learns its reply from exactly the tokens it is given at inference. Only turns whose prompt
+    ends in whitespace are looked at (_end_sensitive); the consistency check of every prepare
+    compares all turns of its sample rows."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer if hasattr(tokenizer, "encode_batch") else None)
+    if backend is None:
+        return row
+    views, moved, added = [], [], None
+    for view in row.views:
+        suspects = [turn for turn in view.turns if _end_sensitive(view.text, turn[1])]
+        if not suspects or view.split_at is not None:
+            views.append(view)
+            continue
+        added = added if added is not None else _added_ids(backend)
+        encoding = backend.encode(view.text, add_special_tokens=True)
+        bad = {turn for turn in suspects if not _context_tokenizes_alone(backend, encoding, view.text, turn[1], added)}
+        if not bad:
+            views.append(view)
+            continue
+        pairs = list(zip(view.turns, view.trained_spans))  # both in the order of the text
+        keep = [(turn, span) for turn, span in pairs if turn not in bad]
+        views.append(Rendered(view.text, tuple(s for _, s in keep), tuple(t for t, _ in keep)))
+        moved += [Rendered(view.text[: span[1]], (span,), (turn,), split_at=turn[1]) for turn, span in pairs if turn in bad]
+    if not moved:
+        return row
+    return RenderedRow(tuple(views) + tuple(moved), row.empty_think_masked, row.reasoning_masked)
+
+
+def _mask(tokenizer, texts: list[str], spans_per_text, splits=None) -> list[tuple[np.ndarray, np.ndarray, bool]]:
     """(ids, trained mask, merged) per text, with the tokenizer's own special tokens (BOS exactly
     when it adds one). Only the tokens at span boundaries are looked up, through the Rust
-    encoding, instead of converting every token's offsets to Python."""
+    encoding, instead of converting every token's offsets to Python. A text with a split
+    (`splits`) is tokenized in two parts (see view_tokens)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if splits is not None and any(s is not None for s in splits):
+        out = _mask(tokenizer, [t for t, s in zip(texts, splits) if s is None],
+                    [p for p, s in zip(spans_per_text, splits) if s is None])[::-1]
+        results = []
+        for text, spans, split in zip(texts, spans_per_text, splits):
+            if split is None:
+                results.append(out.pop())
+                continue
+            ids, offsets = view_tokens(tokenizer if backend is None else _Encoder(backend),
+                                       Rendered(text, tuple(spans), (), split))
+            ids = np.asarray(ids, dtype=np.int32)
+            results.append((ids, *_labels_from_offsets(ids, np.asarray(offsets, dtype=np.int64).reshape(-1, 2), spans)))
+        return results
     out = []
     if backend is None:  # a slow tokenizer: offsets through the Python API
         encoded = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
@@ -103,7 +195,8 @@ def tokenize_rendered(tokenizer, rendered: list[Rendered], sources: list[str], m
     empty loss); a row cut inside a response is kept and marked (it lost its end token).
     """
     results: list[Example | Dropped] = []
-    masks = _mask(tokenizer, [r.text for r in rendered], [r.trained_spans for r in rendered])
+    masks = _mask(tokenizer, [r.text for r in rendered], [r.trained_spans for r in rendered],
+                  [getattr(r, "split_at", None) for r in rendered])
     for source, (ids, trained, merged) in zip(sources, masks):
         labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
         if not trained[1:].any():
@@ -154,11 +247,12 @@ def tokenize_rows(tokenizer, rows: list[RenderedRow], sources: list[str], max_le
 
     A view without trained tokens is not kept; a row none of whose views keeps a trained token
     is dropped under the reason of its views (no_trained_tokens or response_truncated_away)."""
+    rows = [exact_views(tokenizer, row) for row in rows]
     flat, owners = [], []
     for k, row in enumerate(rows):
         for v, view in enumerate(row.views):
-            if v == 0 and not view.trained_spans and len(row.views) > 1:
-                continue  # every trained turn of this row is in a view of its own
+            if not view.trained_spans and any(w.trained_spans for w in row.views):
+                continue  # a view whose turns all train in views of their own
             flat.append(view)
             owners.append((k, v))
     tokenized = tokenize_rendered(tokenizer, flat, [sources[k] if v == 0 else view_source(sources[k], rows[k].views[v])
@@ -185,3 +279,14 @@ def tokenize_rows(tokenizer, rows: list[RenderedRow], sources: list[str], max_le
 def _continuing(example: Example) -> Example:
     return Example(example.input_ids, example.labels, example.source, example.truncated, example.boundary_merged,
                    example.lost_end_token, continues=True)
+
+
+class _Encoder:
+    """A tokenizers backend called like a transformers tokenizer (what view_tokens needs)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __call__(self, text: str, add_special_tokens: bool = True, return_offsets_mapping: bool = True) -> dict:
+        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        return {"input_ids": encoding.ids, "offset_mapping": encoding.offsets}
