@@ -131,6 +131,7 @@ ROLE_ALIASES = {
 MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id", "function_call", "weight", "reasoning_content", "reasoning",
                 "thinking", "refusal")
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+_KNOWN_KEYS = frozenset(MESSAGE_KEYS)
 
 
 def _get(row: RawRow, options: FormatOptions, name: str, required: bool, allow_empty: bool = True) -> str:
@@ -260,6 +261,8 @@ def _split_inline(content: str, where: str) -> tuple[str, str | None, tuple[Tool
     """R1-style `<think>...</think>` opening an assistant's content and Hermes-style
     `<tool_call>{json}</tool_call>` blocks after its text -> (content, reasoning, calls)."""
     reasoning = None
+    if THINK_OPEN not in content[:64] and "tool_call>" not in content:  # the common case, checked in C
+        return content, None, ()
     stripped = content.lstrip()
     if stripped.startswith(THINK_OPEN):
         close = stripped.find(THINK_CLOSE)
@@ -310,7 +313,14 @@ def _message(turn: Any, where: str, role_key: str, content_key: str) -> list[Mes
     if role is None:
         known = ", ".join(sorted(ROLE_ALIASES))
         raise DataError(f"{where}: unknown role '{role_name}' (known: {known})", "unknown_role")
-    unknown = [k for k, v in turn.items() if k not in (role_key, content_key, *MESSAGE_KEYS) and v is not None]
+    content = turn.get(content_key)
+    if len(turn) == 2 and isinstance(content, str):  # a plain chat turn (the common case)
+        if role in ("user", "system"):
+            return [Message(role, content)]
+        if (role == "assistant" and THINK_OPEN not in content[:64] and "tool_call>" not in content
+                and role_name.strip().lower() != "function_call"):
+            return [Message(role, content, True)]
+    unknown = [k for k, v in turn.items() if k not in _KNOWN_KEYS and k != role_key and k != content_key and v is not None]
     if unknown:
         raise DataError(f"{where}: field '{unknown[0]}' is not one sftlab reads; a message has '{role_key}', "
                         f"'{content_key}' and optionally {', '.join(MESSAGE_KEYS)}", "unknown_message_field")
@@ -368,7 +378,7 @@ def _message(turn: Any, where: str, role_key: str, content_key: str) -> list[Mes
                             "malformed_tool_call")
         return [Message(role, text, trained, calls or inline_calls, reasoning or inline_reasoning, name or "")]
     if role == "tool":
-        blocks = TOOL_RESPONSE_BLOCK.findall(content)
+        blocks = TOOL_RESPONSE_BLOCK.findall(content) if "<tool_response>" in content else []
         if blocks and not TOOL_RESPONSE_BLOCK.sub("", content).strip():  # Hermes: results wrapped in the row's text
             return [Message("tool", b.strip("\n"), False, name=name or "", tool_call_id=call_id or "") for b in blocks]
         return [Message("tool", content, False, name=name or "", tool_call_id=call_id or "")]

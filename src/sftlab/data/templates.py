@@ -239,7 +239,9 @@ class Template:
     def _prepared(self, messages) -> list[Message]:
         """The messages as this template renders them: reasoning inline when it does not show it."""
         messages = [m if isinstance(m, Message) else Message(m[0], m[1]) for m in messages]
-        return messages if "reasoning" in self.shows else [inline_reasoning(m) for m in messages]
+        if "reasoning" in self.shows or all(m.reasoning is None for m in messages):
+            return messages
+        return [inline_reasoning(m) for m in messages]
 
     def jinja_messages(self, messages) -> list[dict]:
         """What this template's Jinja text is given for `messages`."""
@@ -274,6 +276,8 @@ class Template:
     def check_shows(self, conversation: Conversation) -> None:
         """DataError (with the row's location) when the row has tools, tool calls or tool results
         and the template does not write them: a model trained on it would never see them."""
+        if len(self.shows) == len(SHOWS):
+            return
         missing = []
         if conversation.tools and "tools" not in self.shows:
             missing.append("tools (the functions offered)")
