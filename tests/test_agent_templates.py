@@ -397,3 +397,30 @@ def test_first_step_loss_equals_the_independent_span_reference(tiny_model_dir, t
                 count += int(flags.sum())
     assert logged["tokens"] == count
     assert logged["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_template_kwargs_and_mask_options_are_part_of_the_data_cache_key(tiny_model_dir, tokenizer, tmp_path):
+    from sftlab.data.prepare import cache_key
+
+    def key(*extra):
+        config = load_config(overrides=[f"model={tiny_model_dir}", f"data={AGENT_DEMO}", f"template={QWEN3}", *extra])
+        return cache_key(config, tokenizer, get_template(config.template, tokenizer, config.template_kwargs))
+
+    keys = {key(), key("template_kwargs={enable_thinking: false}"), key("train_reasoning=false"),
+            key("train_empty_think=true")}
+    assert len(keys) == 4
+
+
+def test_inspect_shows_the_rows_of_one_kind_with_every_view(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from sftlab.cli import app
+
+    args = ["inspect", str(ROOT / "examples" / "agent.yaml"), "--set", f"model={tiny_model_dir}", "--set",
+            f"template={QWEN3}", "--set", f"output_dir={tmp_path}", "--set", "cache=false"]
+    result = CliRunner().invoke(app, [*args, "--kind", "parallel_tool_calls", "-n", "1"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "agent_demo.jsonl:4 " in result.output and "agent_demo.jsonl:4 · turn 2 view" in result.output
+    assert "agent_demo.jsonl:5" not in result.output and "Weather in Paris and the time in Tokyo?" in result.output
+    result = CliRunner().invoke(app, [*args, "--kind", "wings"])
+    assert result.exit_code == 1 and "use one of tools, tool_calls" in result.output

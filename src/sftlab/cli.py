@@ -191,12 +191,16 @@ def inspect_cmd(
     random_rows: bool = typer.Option(False, "--random", help="pick examples at random (seeded by the config)"),
     where: Optional[str] = typer.Option(
         None, help="show dropped rows instead: 'dropped' or 'dropped:REASON' (reasons are in the data report)"),
+    kind: Optional[str] = typer.Option(
+        None, help="show rows of one kind with all their sequences: tools, tool_calls, parallel_tool_calls, "
+                   "tool_results, reasoning, untrained_turns, or views (turns trained in views of their own)"),
     html_path: Optional[Path] = typer.Option(None, "--html", help="HTML file to write (default OUTPUT_DIR/inspect.html)"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Show training examples with the trained tokens highlighted (terminal + HTML), or dropped rows.
 
     Example: sftlab inspect examples/demo.yaml -n 3   |   sftlab inspect run.yaml --where dropped:unknown_role
+    |   sftlab inspect examples/agent.yaml --kind tool_calls -n 2
     """
     from sftlab.api import prepare
     from sftlab.data.inspect import to_rich, write_html
@@ -218,7 +222,13 @@ def inspect_cmd(
             console.rule(f"{d.source}  ·  dropped: {d.reason}")
             console.print(d.detail, highlight=False, markup=False)
         return
-    if row is not None:
+    if kind is not None:
+        from sftlab.data.inspect import rows_of_kind
+
+        chosen = rows_of_kind(cfg, examples, kind, n)
+        if not chosen:
+            fail(f"--kind {kind}: no training row of that kind")
+    elif row is not None:
         if not 0 <= row < len(examples):
             fail(f"--row {row}: the training set has rows 0..{len(examples) - 1}")
         chosen = [examples[row]]

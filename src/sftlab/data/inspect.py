@@ -16,6 +16,37 @@ def token_pieces(example: Example, tokenizer) -> list[tuple[str, bool]]:
             for tid, label in zip(example.input_ids, example.labels)]
 
 
+KINDS = ("tools", "tool_calls", "parallel_tool_calls", "tool_results", "reasoning", "untrained_turns", "views")
+
+
+def rows_of_kind(config, examples, kind: str, n: int) -> list[Example]:
+    """Every sequence (the row and its views) of the first `n` training rows of a kind: a feature
+    of the row (see sftlab.data.formats.conversation_kinds), or `views` (rows with a turn trained
+    in a view of its own)."""
+    from sftlab.data.formats import conversation_kinds
+    from sftlab.data.prepare import load_conversations
+    from sftlab.errors import SftlabError
+
+    if kind not in KINDS:
+        raise SftlabError(f"--kind {kind}: use one of {', '.join(KINDS)}")
+    sources = [example.source for example in examples]
+    row_of = [source.split(" · ")[0] for source in sources]
+    if kind == "views":
+        wanted = {row for row, source in zip(row_of, sources) if row != source}
+    else:
+        wanted = set()
+        for source in config.data:
+            loaded = load_conversations(source, "skip")
+            wanted |= {c.source for c in loaded.conversations if kind in conversation_kinds(c)}
+    picked, out = [], []
+    for index, row in enumerate(row_of):
+        if row in wanted and (row in picked or len(picked) < n):
+            if row not in picked:
+                picked.append(row)
+            out.append(examples[index])
+    return out
+
+
 def to_rich(example: Example, tokenizer) -> Text:
     text = Text()
     for piece, trained in token_pieces(example, tokenizer):
