@@ -404,3 +404,118 @@ def test_a_missing_model_is_one_red_line(tmp_path):
         assert result.exit_code == 1, result.output
         assert result.output.startswith("error:") and "not an existing folder" in result.output
         assert "Traceback" not in result.output
+
+
+# -- security and isolation: one request never fails another (docs/serve-chat.md#security) ---------
+
+def test_degenerate_but_legal_sampling_joins_a_batch_and_fails_no_one(client, server):
+    prompts = ["Name a colour.", "What is 2 + 2?", "List three fruits."]
+    alone = [chat(client, p, max_tokens=12).choices[0].message.content for p in prompts]
+    greedy = chat(client, "Write a limerick.", max_tokens=12).choices[0].message.content
+    answers: dict[str, str] = {}
+    barrier = threading.Barrier(len(prompts) + 2)
+
+    def ask(name: str, prompt: str, **settings) -> None:
+        barrier.wait()
+        stream = chat(client, prompt, max_tokens=12, stream=True, **settings)
+        answers[name] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    threads = [threading.Thread(target=ask, args=(f"good{i}", p)) for i, p in enumerate(prompts)]
+    threads += [threading.Thread(target=ask, args=("top_p0", "Write a limerick."), kwargs={"temperature": 1, "top_p": 0}),
+                threading.Thread(target=ask, args=("seed", "Hi"), kwargs={"temperature": 1, "seed": 2**70})]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [answers[f"good{i}"] for i in range(len(prompts))] == alone  # every co-batched stream completed, unchanged
+    assert answers["top_p0"] == greedy  # top_p 0 keeps only the most likely token: greedy, as OpenAI's does
+    again = chat(client, "Hi", max_tokens=12, stream=False, temperature=1, seed=2**70).choices[0].message.content
+    assert answers["seed"] == again and answers["seed"]  # a huge seed is reduced deterministically
+
+
+def test_a_row_whose_sampling_fails_ends_alone(inference, tokenizer):
+    """Below the HTTP checks: a row with a NaN temperature reaches the engine; it fails, the rows
+    decoding beside it finish with the answers they give alone."""
+    from sftlab.infer.engine import Failed, SamplingParams
+
+    engine = inference.engine
+    prompts = [inference.encode(inference.chat_prompt([("user", p)])) for p in ("Hi", "Name a colour.", "Bye")]
+    alone = [d.text for d in engine.generate_all(prompts, [SamplingParams(max_tokens=8)] * 3, tokenizer)]
+    params = [SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, temperature=float("nan")),
+              SamplingParams(max_tokens=8)]
+    done = engine.generate_all(prompts, params, tokenizer)
+    assert [done[0].text, done[2].text] == [alone[0], alone[2]]
+    assert done[1].finish_reason == "error" and "sampling failed" in done[1].error
+    assert isinstance(Failed("x"), Failed)
+
+
+def test_request_limits_are_clear_4xx_errors(inference):
+    app = create_app(inference=inference, model_name=MODEL, api_key="", max_request_mb=0.05, max_json_depth=16,
+                     read_timeout_s=1.0, max_prompt_tokens=50)
+    with serve_in_background(app) as srv:
+        url = srv.url + "/v1/chat/completions"
+        big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 60_000}]}
+        assert "over this server's limit of 0.05 MB" in _error(httpx.post(url, json=big), 413, "request_too_large")["message"]
+        deep = '{"model": "tiny-run", "messages": ' + "[" * 40 + "]" * 40 + "}"
+        assert "nests deeper than 16" in _error(httpx.post(url, content=deep, headers={"content-type": "application/json"}),
+                                                400, "invalid_json")["message"]
+        surrogate = '{"model": "tiny-run", "messages": [{"role": "user", "content": "\\ud800"}]}'
+        assert "lone surrogate" in _error(httpx.post(url, content=surrogate, headers={"content-type": "application/json"}),
+                                          400, "invalid_json")["message"]
+        long = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 80}]}
+        assert "--max-prompt-tokens" in _error(httpx.post(url, json=long), 400, "context_length_exceeded")["message"]
+        # a body that trickles in: refused after the read timeout, the server answers others meanwhile
+        with socket.create_connection((srv.host, srv.port)) as slow:
+            slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"model\"")
+            assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+            slow.settimeout(10)
+            assert b"408" in slow.recv(4096).split(b"\r\n")[0]
+        # a connection that never sends a request head is closed after the read timeout
+        with socket.create_connection((srv.host, srv.port)) as idle:
+            idle.settimeout(10)
+            started = time.monotonic()
+            assert idle.recv(100) == b"" and time.monotonic() - started < 5
+
+
+def test_a_keyless_server_refuses_other_origins_and_rebinding_unless_let_in(inference):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with serve_in_background(create_app(inference=inference, model_name=MODEL, api_key="")) as srv:
+        url = srv.url + "/v1/chat/completions"
+        before = httpx.get(srv.url + "/sftlab/stats").json()["requests"]
+        simple = httpx.post(url, content=json.dumps(body), headers={"content-type": "text/plain",
+                                                                    "origin": "http://attacker.example"})
+        assert "another origin" in _error(simple, 403, "cross_origin")["message"]
+        assert "application/json" in _error(httpx.post(url, content=json.dumps(body),
+                                                       headers={"content-type": "text/plain"}), 403)["message"]
+        rebound = httpx.get(srv.url + "/v1/models", headers={"host": f"rebind.attacker.example:{srv.port}"})
+        assert "not a name this server answers to" in _error(rebound, 403, "host_not_allowed")["message"]
+        assert httpx.get(srv.url + "/sftlab/stats").json()["requests"] == before  # nothing was generated
+        assert httpx.post(url, json=body, headers={"origin": f"http://localhost:{srv.port}"}).status_code == 200
+    app = create_app(inference=inference, model_name=MODEL, api_key="", cors_origins=["http://localhost:3000"])
+    with serve_in_background(app) as srv:
+        url = srv.url + "/v1/chat/completions"
+        let_in = httpx.post(url, json=body, headers={"origin": "http://localhost:3000"})
+        assert let_in.status_code == 200 and let_in.headers["access-control-allow-origin"] == "http://localhost:3000"
+        preflight = httpx.options(url, headers={"origin": "http://localhost:3000", "access-control-request-method": "POST",
+                                                "access-control-request-headers": "content-type"})
+        assert preflight.status_code == 200
+        _error(httpx.post(url, json=body, headers={"origin": "http://attacker.example"}), 403, "cross_origin")
+
+
+def test_a_large_prompt_is_tokenized_off_the_event_loop(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "lorem ipsum dolor " * 300_000}]}
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault(
+        "response", httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)))
+    thread.start()
+    time.sleep(0.3)
+    slowest = 0.0
+    while thread.is_alive():
+        started = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.05)
+    thread.join()
+    _error(result["response"], 400, "context_length_exceeded")
+    assert slowest < 1.0  # /health kept answering while the 5 MB prompt was rendered and tokenized

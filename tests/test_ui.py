@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fastapi.testclient import TestClient
 
 from sftlab.config import load_config
 from sftlab.data.prepare import prepare_data
@@ -22,7 +21,7 @@ from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.infer.server import create_app
 from sftlab.train.status import RunStatus, run_state
 from sftlab.ui.app import create_ui_app
-from ui_helpers import BAD_LINE, make_runs
+from ui_helpers import BAD_LINE, make_runs, ui_client
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +33,7 @@ def runs(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(runs):
-    with TestClient(create_ui_app(runs)) as c:
+    with ui_client(create_ui_app(runs)) as c:
         yield c
 
 
@@ -184,7 +183,7 @@ def test_eval_page_says_how_to_make_a_missing_report(client, runs, tmp_path):
 def test_chat_streams_the_same_answer_as_sftlab_serve(client, runs):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
             "temperature": 0}
-    with TestClient(create_app(str(runs / "tiny"))) as serve:
+    with ui_client(create_app(str(runs / "tiny"))) as serve:
         expected = _ok(serve.post("/v1/chat/completions", json={**body, "model": str(runs / "tiny")}))
         prompt = _ok(serve.post("/sftlab/render", json=body))["prompt"]
     plain = _ok(client.post("/api/serve/v1/chat/completions?run=tiny", json=body))
@@ -213,7 +212,7 @@ def test_new_run_form_writes_yaml_that_loads_and_errors_name_the_key(client, run
     assert "num_epochs" in typed
     outside = _error(client.post("/api/config/check", json={"yaml": draft["yaml"].replace(
         str(runs.resolve() / "from-form"), "/tmp/elsewhere")}), 400)
-    assert "outside the runs folder" in outside
+    assert "not a folder inside the runs folder" in outside
     missing = _error(client.post("/api/config/check", json={"yaml": draft["yaml"].replace("alpaca_demo.json", "nope.json")}), 400)
     assert missing.startswith("data:") and "nope.json not found" in missing
     assert "run name" in _error(client.post("/api/config/draft", json={"name": "../up"}), 400)
@@ -236,7 +235,7 @@ def test_start_stop_resume_a_run_from_the_page(client, runs, tiny_model_dir):
     watcher = threading.Thread(target=_collect_events, args=(client, "child", events))
     watcher.start()  # the live stream the Runs page listens to, open while the run trains
     _wait(lambda: events, "the first live event", started)
-    assert _ok(client.post("/api/stop", params={"run": "child"}))["signal"] == "SIGTERM"
+    assert _ok(client.post("/api/stop", params={"run": "child"}, json={}))["signal"] == "SIGTERM"
     _wait(lambda: run_state(runs / "child")["state"] != "running", "the stop", started)
     watcher.join(60)
     assert not watcher.is_alive() and events[0]["state"] == "running" and events[-1] == {"end": True}
@@ -248,15 +247,15 @@ def test_start_stop_resume_a_run_from_the_page(client, runs, tiny_model_dir):
     row = next(r for r in _ok(client.get("/api/runs"))["runs"] if r["id"] == "child")
     assert row["state"] == "interrupted" and row["resumable"] and row["step"] == state["checkpoints"][-1]
     stopped_at = state["checkpoints"][-1]
-    _ok(client.post("/api/resume", params={"run": "child"}))
+    _ok(client.post("/api/resume", params={"run": "child"}, json={}))
     _wait(lambda: run_state(runs / "child")["state"] == "finished", "the resumed run to finish", started, 240)
     final = json.loads((runs / "child" / "status.json").read_text())
     assert final["resumed"] is True and final["start_step"] == stopped_at and final["step"] == 100
     assert "resumed from" in (runs / "child" / "train.log").read_text()
     steps = [r["step"] for r in _ok(client.get("/api/metrics", params={"run": "child"}))["records"]]
     assert steps == list(range(1, 101))
-    assert "not training" in _error(client.post("/api/stop", params={"run": "child"}), 400)
-    assert "no checkpoint to resume" in _error(client.post("/api/resume", params={"run": "tiny"}), 400)
+    assert "not training" in _error(client.post("/api/stop", params={"run": "child"}, json={}), 400)
+    assert "no checkpoint to resume" in _error(client.post("/api/resume", params={"run": "tiny"}, json={}), 400)
 
 
 def _collect_events(client, run: str, events: list) -> None:
@@ -302,7 +301,7 @@ def test_a_killed_run_is_interrupted_with_a_checkpoint_and_failed_without(tmp_pa
 
 
 def test_a_token_guards_every_request_when_set(runs):
-    with TestClient(create_ui_app(runs, token="s3cret")) as c:
+    with ui_client(create_ui_app(runs, token="s3cret")) as c:
         assert "token" in _error(c.get("/api/runs"), 401)
         assert "token" in _error(c.get("/"), 401)
         assert c.get("/", params={"token": "wrong"}).status_code == 401
@@ -328,3 +327,94 @@ def test_cli_ui_refuses_a_missing_runs_folder(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "no such folder" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+# -- security: what a hostile page in the user's browser could send (docs/ui.md#security) ----------
+
+BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8)])
+
+
+def _evil_train(client, runs, tiny_model_dir, **request) -> int:
+    text = yaml.safe_dump({"model": str(tiny_model_dir), "data": str(ROOT / "tests/fixtures/tiny_train.json"),
+                           "max_steps": 1, "output_dir": str(runs / "evil")})
+    response = client.post("/api/train", **{"json": {"name": "evil", "yaml": text}, **request})
+    assert not (runs / "evil").exists() and not (runs / "evil.yaml").exists()  # nothing started, nothing written
+    assert not client.app.state.ui.jobs.children
+    return response
+
+
+@pytest.mark.parametrize("headers, why", [
+    ({"Origin": "http://attacker.example"}, "another origin"),
+    ({"Origin": "null"}, "another origin"),
+    ({"Referer": "http://attacker.example/page.html"}, "another origin"),
+    ({"Origin": "http://127.0.0.1:7860.attacker.example"}, "another origin"),
+])
+def test_a_page_of_another_origin_cannot_start_a_run(client, runs, tiny_model_dir, headers, why):
+    response = _evil_train(client, runs, tiny_model_dir, headers=headers)
+    assert why in _error(response, 403)
+
+
+def test_a_simple_text_plain_request_is_refused(client, runs, tiny_model_dir):
+    text = json.dumps({"name": "evil", "yaml": "model: x"})
+    response = _evil_train(client, runs, tiny_model_dir, json=None, content=text,
+                           headers={"Content-Type": "text/plain", "Origin": "http://127.0.0.1:7860"})
+    assert "application/json" in _error(response, 403)
+
+
+def test_every_change_needs_the_pages_csrf_token(client, runs, tiny_model_dir):
+    response = _evil_train(client, runs, tiny_model_dir, headers={"X-CSRF-Token": "guessed"})
+    assert "CSRF" in _error(response, 403)
+    for path in ("/api/stop?run=tiny", "/api/resume?run=tiny", "/api/config/check",
+                 "/api/serve/v1/chat/completions?run=tiny"):
+        assert "CSRF" in _error(client.post(path, json={}, headers={"X-CSRF-Token": ""}), 403), path
+    page = client.get("/").text
+    assert f'<meta name="csrf-token" content="{client.app.state.csrf_token}">' in page
+
+
+def test_dns_rebinding_cannot_read_or_change_anything(client, runs):
+    rebound = {"Host": "rebind.attacker.example:7860"}
+    for path in ("/", "/api/runs", "/api/examples?run=tiny", "/api/data?run=tiny", "/static/app.js"):
+        assert "is not a name this server answers to" in _error(client.get(path, headers=rebound), 403), path
+    assert "not a name" in _error(client.post("/api/stop?run=tiny", json={}, headers=rebound), 403)
+    assert _ok(client.get("/api/runs", headers={"Host": "localhost:7860"}))["runs"]  # the loopback names work
+
+
+def test_bound_elsewhere_only_the_host_and_allowed_names_are_answered(runs):
+    app = create_ui_app(runs, token="t0k", host="10.1.2.3", port=7860, allowed_hosts=["box.lan"])
+    with ui_client(app) as c:
+        auth = {"Authorization": "Bearer t0k"}
+        assert _ok(c.get("/api/runs", headers={**auth, "Host": "box.lan:7860"}))["runs"]
+        assert _ok(c.get("/api/runs", headers={**auth, "Host": "10.1.2.3:7860"}))["runs"]
+        assert "not a name" in _error(c.get("/api/runs", headers={**auth, "Host": "127.0.0.1:7860"}), 403)
+        assert "not a name" in _error(c.get("/api/runs", headers={**auth, "Host": "box.lan:9999"}), 403)
+        assert "token" in _error(c.get("/api/runs", headers={"Host": "box.lan:7860"}), 401)  # the token stays required
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(client):
+    started = time.perf_counter()
+    message = _error(client.post("/api/config/check", json={"yaml": BOMB}), 400)
+    assert "aliases expand to more than" in message and len(message) < 400
+    assert time.perf_counter() - started < 2
+    assert _ok(client.get("/api/runs"))["runs"]  # the server answers meanwhile and after
+
+
+def test_the_runs_folder_itself_is_not_a_run(client, runs, tiny_model_dir):
+    text = yaml.safe_dump({"model": str(tiny_model_dir), "data": str(ROOT / "tests/fixtures/tiny_train.json"),
+                           "output_dir": str(runs)})
+    assert "not a folder inside the runs folder" in _error(client.post("/api/config/check", json={"yaml": text}), 400)
+
+
+@pytest.mark.parametrize("query", ["run=tiny%00", "run=tiny&after=-1", "run=tiny&after=99999999999999999999999",
+                                   "run=tiny&after=abc"])
+def test_nul_bytes_and_numbers_out_of_range_are_400s(client, query):
+    path = "/api/metrics?" + query
+    assert _error(client.get(path), 400)
+
+
+def test_an_oversize_or_too_deep_body_is_refused(client):
+    assert "over this server's limit" in _error(client.post("/api/config/check", content=b'{"yaml": "' + b"x" * (9 << 20)
+                                                            + b'"}', headers={"Content-Type": "application/json"}), 413)
+    deep = "[" * 100 + "]" * 100
+    assert "nests deeper" in _error(client.post("/api/config/check", content=f'{{"yaml": {deep}}}',
+                                                headers={"Content-Type": "application/json"}), 400)

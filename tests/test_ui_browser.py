@@ -9,12 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from sftlab.infer.server import BackgroundServer
 from sftlab.ui import CHROMIUM, CHROMIUM_ARGS
 from sftlab.ui.app import create_ui_app
-from ui_helpers import BAD_LINE, make_runs
+from ui_helpers import BAD_LINE, make_runs, ui_client
 
 pytestmark = pytest.mark.browser
 TRAINED_GREEN = "rgb(183, 240, 177)"  # style.css --trained, the colour `sftlab inspect --html` uses
@@ -53,7 +52,7 @@ def page(browser, tmp_path, request):
 
 def _api(site, path: str, **params) -> dict:
     url, runs = site
-    with TestClient(create_ui_app(runs)) as client:
+    with ui_client(create_ui_app(runs)) as client:
         response = client.get(path, params=params)
         assert response.status_code == 200, response.text
         return response.json()
@@ -126,7 +125,7 @@ def test_chat_page_streams_a_reply_and_shows_the_prompt(site, page):
     page.click("#send")
     reply = page.locator(".msg.assistant.done .text")
     reply.wait_for(state="attached", timeout=60_000)
-    with TestClient(create_ui_app(runs)) as client:
+    with ui_client(create_ui_app(runs)) as client:
         expected = client.post("/api/serve/v1/chat/completions?run=tiny", json={
             "model": "tiny", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
             "temperature": 1, "seed": 3}).json()["choices"][0]["message"]["content"]

@@ -30,3 +30,12 @@ def make_runs(root: Path, tiny_model_dir: Path) -> Path:
     run_eval(runs / "tiny", limit=2, max_new_tokens=4, corpus_samples=2, corpus_tokens=12, side_by_side=2,
              batch_size=2)
     return runs
+
+
+def ui_client(app):
+    """A TestClient for an app of sftlab's servers as a local client reaches it: on 127.0.0.1 (the
+    Host check), with the page's CSRF token on every request (what the page's own requests carry)."""
+    from fastapi.testclient import TestClient
+
+    token = getattr(app.state, "csrf_token", None)
+    return TestClient(app, base_url="http://127.0.0.1:7860", headers={"X-CSRF-Token": token} if token else {})

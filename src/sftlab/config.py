@@ -30,6 +30,51 @@ class ConfigError(SftlabError, ValueError):
     """A config file or override that cannot be used; the message says what to change."""
 
 
+MAX_YAML_BYTES = 1 << 20  # a run config is a few kB; anything near this is not one
+MAX_YAML_NODES = 100_000  # values after aliases are expanded (a 436-byte "billion laughs" is billions)
+MAX_SHOWN_VALUE = 200  # characters of an offending value quoted in an error
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a document whose aliases expand past MAX_YAML_NODES values."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def size(n) -> int:  # values once aliases are expanded, memoized per node (aliases share nodes)
+            if id(n) in sizes:
+                return sizes[id(n)]
+            sizes[id(n)] = 1  # a node that refers to itself counts once
+            if isinstance(n, yaml.SequenceNode):
+                total = 1 + sum(size(c) for c in n.value)
+            elif isinstance(n, yaml.MappingNode):
+                total = 1 + sum(size(k) + size(v) for k, v in n.value)
+            else:
+                total = 1
+            sizes[id(n)] = min(total, MAX_YAML_NODES + 1)
+            return sizes[id(n)]
+
+        if node is not None and size(node) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES:,} values")
+        return node
+
+
+def load_yaml(text: str, where: str):
+    """YAML text -> data, the one way sftlab reads YAML it is given: safe types only, at most
+    MAX_YAML_BYTES and MAX_YAML_NODES values after aliases; ConfigError (short) otherwise."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text):,} characters of YAML, over the {MAX_YAML_BYTES:,} a config may have")
+    try:
+        return yaml.load(text, Loader=_LimitedLoader)  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(f"{where}: not valid YAML: {_shorten(str(exc), 4 * MAX_SHOWN_VALUE)}") from None
+
+
+def _shorten(text: str, limit: int = MAX_SHOWN_VALUE) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -276,8 +321,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip():
         raise ConfigError(f"--set '{text}': the key is empty")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+        parsed = load_yaml(value, f"--set {key.strip()}") if value.strip() else ""
+    except ConfigError:
         parsed = value
     # YAML 1.1 reads 2e-5 as a string; a learning rate is meant
     if isinstance(parsed, str):
@@ -312,7 +357,7 @@ def _format_validation_error(error: ValidationError, where: str) -> str:
     lines = [f"{where}: invalid config"]
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+        lines.append(f"  {key}: {item['msg']} (got {_shorten(repr(item.get('input')))})")
     return "\n".join(lines)
 
 
@@ -328,10 +373,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_yaml(text: str, where: str, base: Path, overrides: list[str] | None = None) -> RunConfig:
     """A run config from YAML text; `where` names it in errors, relative data paths are under `base`."""
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+    raw = load_yaml(text, where) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of config keys, found {type(raw).__name__}")
     _check_unknown_keys(raw, RunConfig, where)

@@ -37,22 +37,40 @@ def serve_cmd(
     batch_window_ms: float = typer.Option(20.0, min=0.0, help="how long to wait for more requests to batch"),
     log_level: str = typer.Option("info", help="uvicorn log level (warning, info, debug)"),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    allowed_host: list[str] = typer.Option(
+        [], "--allowed-host", help="without an API key: another name clients may address this server by "
+                                   "(repeatable; loopback names on loopback, --host elsewhere, are always allowed)"),
+    cors_origin: list[str] = typer.Option(
+        [], "--cors-origin", help="a browser origin (e.g. http://localhost:3000) whose pages may call this server "
+                                  "(repeatable; other origins are refused when there is no API key)"),
+    max_request_mb: float = typer.Option(8.0, min=0.001, help="largest request body, in MB"),
+    read_timeout: float = typer.Option(30.0, min=0.1, help="seconds a client has to send a request's head, and "
+                                                           "again its body"),
+    max_json_depth: int = typer.Option(64, min=2, help="deepest JSON nesting of a request body"),
+    max_prompt_tokens: Optional[int] = typer.Option(None, min=1, help="longest prompt in tokens (default: the "
+                                                                      "model's context)"),
 ) -> None:
     """Serve a run with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
 
     Concurrent requests are batched on the model; chat messages use the run's own template.
+    Without an API key it is a local server: requests must address an allowed host name, and
+    browser pages of other origins are refused (--cors-origin lets one in).
 
     Client: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
 
     Example: sftlab serve runs/demo --port 8000 --api-key secret
     """
+    from sftlab.http_guard import timed_http_protocol
     from sftlab.infer.server import SHUTDOWN_GRACE_S, create_app
     from sftlab.terminal import console, fail
 
     _set_threads(threads)
     try:
         app = create_app(model, api_key=api_key, model_name=model_name, template=template,
-                         max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
+                         max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, host=host, port=port,
+                         allowed_hosts=allowed_host, cors_origins=cors_origin, max_request_mb=max_request_mb,
+                         read_timeout_s=read_timeout, max_json_depth=max_json_depth,
+                         max_prompt_tokens=max_prompt_tokens)
     except SftlabError:
         raise  # its own clean message (the command is guarded)
     except _load_errors() as exc:
@@ -64,7 +82,8 @@ def serve_cmd(
     console.print(f"serving [bold]{name}[/] (template {app.state.inference.template_name}, {keyed}) at "
                   f"http://{host}:{port}/v1", highlight=False)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                    http=timed_http_protocol(read_timeout))
     except (OSError, SystemExit) as exc:
         if isinstance(exc, SystemExit) and not exc.code:
             return

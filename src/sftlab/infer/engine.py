@@ -31,6 +31,7 @@ from sftlab.data.formats import Conversation, Message
 log = logging.getLogger("sftlab.infer")
 
 DEFAULT_CONTEXT = 2048  # when the model config names no max_position_embeddings
+MIN_TEMPERATURE = 1e-5  # below this, logits / temperature overflows: such a request decodes greedily
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ class _Row:
             if request.params.seed is None:
                 self.generator.seed()
             else:
-                self.generator.manual_seed(request.params.seed)
+                self.generator.manual_seed(request.params.seed % 2**64)  # any integer is a seed
 
 
 class BatchEngine:
@@ -405,11 +406,12 @@ class BatchEngine:
             batch, closing = self._collect(first)
             if batch:
                 started = time.perf_counter()
+                live: list[GenerationRequest] = list(batch)  # _run adds the requests that join the batch
                 try:
-                    self._run(batch)
+                    self._run(batch, live)
                 except Exception as exc:  # never leave a caller waiting; the traceback goes to the log
                     log.exception("generation failed")
-                    for request in batch:
+                    for request in live:  # every row of the batch, those that joined it too
                         _safe_emit(request, Failed(f"generation failed: {type(exc).__name__}"))
                 with self._lock:
                     self._stats["busy_seconds"] += time.perf_counter() - started
@@ -455,7 +457,10 @@ class BatchEngine:
         return taken
 
     @torch.no_grad()
-    def _run(self, batch: list[GenerationRequest]) -> None:
+    def _run(self, batch: list[GenerationRequest], live: list[GenerationRequest] | None = None) -> None:
+        """Decode `batch` (and requests that join it) to the end; `live` collects every request
+        taken in, so a failure can end them all."""
+        live = live if live is not None else list(batch)
         device = self.device
         rows, cache, mask, last_positions, logits = self._prefill(batch)
         with self._lock:
@@ -465,6 +470,7 @@ class BatchEngine:
             if (self.continuous and len(rows) < self.max_batch_size and not self._pending.empty()
                     and _plain_cache(cache)):
                 newcomers = self._take(self.max_batch_size - len(rows))
+                live += newcomers
                 if newcomers:
                     new_rows, new_cache, new_mask, new_positions, new_logits = self._prefill(newcomers)
                     mask = _join_cache(cache, mask, new_cache, new_mask)
@@ -481,6 +487,9 @@ class BatchEngine:
             step_tokens = cancelled = 0
             for i, (row, token) in enumerate(zip(rows, next_ids)):
                 request = row.request
+                if token is None:  # this row's sampling failed: it ends alone, the others go on
+                    _safe_emit(request, Failed("sampling failed for this request (its logits are not finite)"))
+                    continue
                 if request.cancelled.is_set() or self._closing.is_set():
                     _safe_emit(request, Done("cancelled", row.generated))
                     cancelled += 1
@@ -506,6 +515,7 @@ class BatchEngine:
                 if self.continuous and not self._pending.empty():
                     # the batch emptied while others wait: start them as a new batch right away
                     newcomers = self._take(self.max_batch_size)
+                    live[:] = newcomers
                     if newcomers:
                         rows, cache, mask, last_positions, logits = self._prefill(newcomers)
                         with self._lock:
@@ -532,8 +542,10 @@ class BatchEngine:
             self._stats["forward_passes"] += 1
         return out.logits[:, -1, :].float()
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """One token per row: argmax for greedy rows, else temperature + top-p with the row's generator."""
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int | None]:
+        """One token per row: argmax for greedy rows, else temperature + top-p with the row's
+        generator. A row whose sampling fails gets None (it ends alone); top_p 0 keeps the most
+        likely token, as OpenAI's does, and a temperature too small to divide by is greedy."""
         for i, row in enumerate(rows):
             p = row.request.params
             if p.logit_bias:
@@ -543,18 +555,25 @@ class BatchEngine:
                 ids = torch.tensor(list(row.counts), dtype=torch.long, device=logits.device)
                 counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype, device=logits.device)
                 logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts
-        chosen = logits.argmax(dim=-1).tolist()
+        finite = torch.isfinite(logits).any(dim=-1).tolist()
+        chosen: list[int | None] = [c if ok else None for c, ok in zip(logits.argmax(dim=-1).tolist(), finite)]
         for i, row in enumerate(rows):
             p = row.request.params
-            if p.temperature <= 0:
+            if p.temperature < MIN_TEMPERATURE or chosen[i] is None:
                 continue
-            probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                cumulative = sorted_probs.cumsum(-1)
-                sorted_probs[(cumulative - sorted_probs) >= p.top_p] = 0.0  # keep the smallest nucleus >= top_p
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator).item())
+            try:
+                probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+                if p.top_p < 1.0:
+                    sorted_probs, order = probs.sort(descending=True)
+                    cumulative = sorted_probs.cumsum(-1)
+                    drop = (cumulative - sorted_probs) >= p.top_p  # keep the smallest nucleus >= top_p
+                    drop[0] = False  # and always the most likely token (top_p 0: greedy)
+                    sorted_probs[drop] = 0.0
+                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+                chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator).item())
+            except RuntimeError:  # a distribution multinomial refuses (NaN or inf probabilities)
+                log.warning("sampling failed for one request; it ends, the batch goes on", exc_info=True)
+                chosen[i] = None
         return chosen
 
 

@@ -10,6 +10,13 @@
 Concurrent requests share forward passes: see `sftlab.infer.engine.BatchEngine`. Errors are
 OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`), never a stack trace.
 
+Every request is checked before it joins a batch, so no request can fail another: its body
+(size, read time, JSON nesting, valid Unicode: sftlab.http_guard), its fields and sampling
+(degenerate but legal settings such as top_p 0 or a huge seed work as OpenAI's do), its prompt
+length. Rendering and tokenizing run off the event loop. Without an API key the server is a
+local one: every request's Host must be an allowed name and a browser page of another origin
+cannot use it (unless --cors-origin lets it in); see docs/serve-chat.md#security.
+
     from sftlab.infer.server import create_app, serve, serve_in_background
     app = create_app("runs/demo", api_key="secret")       # a FastAPI app
     serve("runs/demo", port=8000)                        # blocks
@@ -37,6 +44,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sftlab.errors import SftlabError
+from sftlab.http_guard import (MAX_JSON_DEPTH, MAX_REQUEST_MB, READ_TIMEOUT_S, Guard, GuardError, parse_json,
+                               read_body)
 from sftlab.infer.engine import (Done, GenerationRequest, InferenceModel, SamplingParams, TextStream, Token,
                                  template_errors)
 
@@ -45,6 +54,8 @@ log = logging.getLogger("sftlab.infer")
 API_KEY_ENV = "SFTLAB_API_KEY"
 MAX_N = 64
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+SEED_SPACE = 2**64  # torch generators take seeds below this; larger ones are reduced modulo it
+PARSE_IN_THREAD_BYTES = 64 << 10  # bodies above this are parsed off the event loop
 SHUTDOWN_GRACE_S = 5  # on Ctrl-C / SIGTERM, requests still generating after this are cut off
 
 
@@ -280,8 +291,14 @@ def _sse(data: dict) -> str:
 class _Service:
     """What every route of an app shares: the loaded model, the names it answers to, the key."""
 
-    def __init__(self, inference: InferenceModel, name: str, accepted_names: set[str], api_key: str | None):
+    def __init__(self, inference: InferenceModel, name: str, accepted_names: set[str], api_key: str | None,
+                 limits: dict | None = None):
         self.inference, self.name, self.accepted_names, self.api_key = inference, name, accepted_names, api_key
+        limits = limits or {}
+        self.max_request_bytes = int(limits.get("max_request_mb", MAX_REQUEST_MB) * 2**20)
+        self.read_timeout_s = limits.get("read_timeout_s", READ_TIMEOUT_S)
+        self.max_json_depth = limits.get("max_json_depth", MAX_JSON_DEPTH)
+        self.max_prompt_tokens = limits.get("max_prompt_tokens")
         self.created = int(time.time())
         # the logits' width: token ids and logit_bias keys are checked against it
         self.vocab_size = getattr(inference.model.config, "vocab_size", None) or len(inference.tokenizer)
@@ -307,6 +324,9 @@ class _Service:
     def sampling(self, body: dict, prompt_tokens: int, default_max: int | None, chat: bool) -> tuple[list[SamplingParams], int]:
         """The request's sampling settings, one per choice (n), checked against the context."""
         context, what = self.inference.context, "messages" if chat else "prompt"
+        if self.max_prompt_tokens and prompt_tokens > self.max_prompt_tokens:
+            raise APIError(400, f"your {what} resulted in {prompt_tokens} tokens, over this server's limit of "
+                           f"{self.max_prompt_tokens} (--max-prompt-tokens)", param=what, code="context_length_exceeded")
         if prompt_tokens >= context:
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, your {what} "
                            f"resulted in {prompt_tokens} tokens. Please reduce the length.", param=what,
@@ -330,8 +350,9 @@ class _Service:
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
             logit_bias=_logit_bias(body, self.vocab_size),
         )
-        # with a seed, choice j samples with seed + j: reproducible, yet the n choices differ
-        return [SamplingParams(seed=None if seed is None else seed + j, **base) for j in range(n)], n
+        # with a seed, choice j samples with seed + j: reproducible, yet the n choices differ; any integer is a
+        # seed (a huge or negative one is reduced modulo 2**64, deterministically)
+        return [SamplingParams(seed=None if seed is None else (seed + j) % SEED_SPACE, **base) for j in range(n)], n
 
     def render(self, body: dict) -> str:
         """A chat request's messages in the served model's template."""
@@ -378,12 +399,16 @@ async def _authorize(request: Request) -> None:
 
 
 async def _read_body(request: Request) -> dict:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    """The JSON body, within the server's limits (size, read time, nesting, valid Unicode)."""
+    svc = _service(request)
+    raw = await read_body(request, svc.max_request_bytes, svc.read_timeout_s)
+    if not raw:
         raise APIError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
-                       "aren't using your HTTP library correctly.)", code="invalid_json") from None
+                       "aren't using your HTTP library correctly.)", code="invalid_json")
+    if len(raw) > PARSE_IN_THREAD_BYTES:
+        body = await asyncio.to_thread(parse_json, raw, svc.max_json_depth)
+    else:
+        body = parse_json(raw, svc.max_json_depth)
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object", code="invalid_json")
     return body
@@ -456,8 +481,10 @@ async def stats(request: Request):
 @v1.post("/sftlab/render")
 async def render_route(request: Request):
     svc = _service(request)
-    prompt = svc.render(await _read_body(request))
-    return {"prompt": prompt, "prompt_tokens": len(svc.inference.encode(prompt)), "template": svc.inference.template_name}
+    body = await _read_body(request)
+    prompt = await asyncio.to_thread(svc.render, body)
+    tokens = await asyncio.to_thread(svc.inference.encode, prompt)
+    return {"prompt": prompt, "prompt_tokens": len(tokens), "template": svc.inference.template_name}
 
 
 def _check_chat_options(body: dict) -> None:
@@ -479,7 +506,7 @@ async def chat_completions(request: Request):
     stream = _boolean(body, "stream")
     include_usage = _stream_options(body, stream)
     stop = _stop(body)
-    prompt_ids = svc.inference.encode(svc.render(body))
+    prompt_ids = await asyncio.to_thread(lambda: svc.inference.encode(svc.render(body)))  # never on the event loop
     params, n = svc.sampling(body, len(prompt_ids), None, chat=True)
     job = _Job(svc.inference, [prompt_ids] * n, params, stop)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model, "system_fingerprint": None}
@@ -511,7 +538,7 @@ async def completions(request: Request):
     include_usage = _stream_options(body, stream)
     echo = _boolean(body, "echo")
     stop = _stop(body)
-    prompts = svc.completion_prompts(body)
+    prompts = await asyncio.to_thread(svc.completion_prompts, body)
     if any(not p for p in prompts):
         raise APIError(400, "'prompt' is empty (no tokens)", param="prompt", code="invalid_value")
     params, n = svc.sampling(body, max(map(len, prompts)), COMPLETIONS_DEFAULT_MAX_TOKENS, chat=False)
@@ -544,6 +571,10 @@ async def _api_error(request: Request, exc: APIError):
     return exc.response()
 
 
+async def _guard_error(request: Request, exc: GuardError):
+    return APIError(exc.status, exc.message, code=exc.code).response()
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException):
     if exc.status_code == 404:
         message, code = f"Invalid URL ({request.method} {request.url.path})", "unknown_url"
@@ -567,13 +598,23 @@ def create_app(
     max_batch_size: int = 8,
     batch_window_ms: float = 20.0,
     inference: InferenceModel | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    allowed_hosts=(),
+    cors_origins=(),
+    max_request_mb: float = MAX_REQUEST_MB,
+    read_timeout_s: float = READ_TIMEOUT_S,
+    max_json_depth: int = MAX_JSON_DEPTH,
+    max_prompt_tokens: int | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app serving a run directory, checkpoint, registry name or HF folder.
 
     api_key: when set (or env SFTLAB_API_KEY), every /v1 and /sftlab request needs
     `Authorization: Bearer KEY`. model_name: the name clients pass as `model` (default: the
     argument as given). template: for a plain model (a run uses its own; default alpaca).
-    inference: an already loaded InferenceModel instead of model_or_run.
+    inference: an already loaded InferenceModel instead of model_or_run. host, port,
+    allowed_hosts: the names requests may address when there is no API key; cors_origins: browser
+    origins let in. The limits: body size, its read time, JSON nesting, prompt tokens.
     """
     owns_engine = inference is None  # an InferenceModel passed in is the caller's to close
     if inference is None:
@@ -582,7 +623,10 @@ def create_app(
         inference = InferenceModel.load(str(model_or_run), template, max_batch_size, batch_window_ms)
     name = model_name or str(model_or_run or inference.source).rstrip("/") or "sftlab"
     service = _Service(inference, name, {name, str(model_or_run or inference.source)},
-                       api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None)
+                       api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None,
+                       {"max_request_mb": max_request_mb, "read_timeout_s": read_timeout_s,
+                        "max_json_depth": max_json_depth, "max_prompt_tokens": max_prompt_tokens})
+    guard = Guard.for_binding(host, port, allowed_hosts, cors_origins)
 
     @asynccontextmanager
     async def shutdown(app_: FastAPI):
@@ -591,8 +635,29 @@ def create_app(
             inference.engine.close()
 
     app = FastAPI(title="sftlab serve", version="1", lifespan=shutdown, docs_url=None, redoc_url=None)
-    app.state.service, app.state.inference, app.state.model_name = service, inference, name
+    app.state.service, app.state.inference, app.state.model_name, app.state.guard = service, inference, name, guard
+
+    @app.middleware("http")
+    async def local_guard(request: Request, call_next):
+        # a keyless server is a local one: DNS rebinding and other origins' pages are refused; with a key,
+        # the key is the guard. A POST's body is JSON either way.
+        try:
+            if not service.api_key:
+                guard.check(request.method, request.headers)
+            elif request.method == "POST" and request.headers.get("content-type", "").split(";")[0].strip() != \
+                    "application/json":
+                raise GuardError(403, "send the request as Content-Type: application/json", "content_type")
+        except GuardError as exc:
+            return APIError(exc.status, exc.message, code=exc.code).response()
+        return await call_next(request)
+
+    if guard.cors_origins:  # browser clients on these origins opt in (preflight answered, CORS headers sent)
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(guard.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(GuardError, _guard_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(public)
@@ -614,13 +679,17 @@ def serve(
     max_batch_size: int = 8,
     batch_window_ms: float = 20.0,
     log_level: str = "info",
+    **limits,
 ) -> None:
-    """Load the model and serve it until interrupted (blocks)."""
+    """Load the model and serve it until interrupted (blocks); `limits` are create_app's."""
     import uvicorn
 
+    from sftlab.http_guard import timed_http_protocol
+
     app = create_app(model_or_run, api_key=api_key, model_name=model_name, template=template,
-                     max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                     max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, host=host, port=port, **limits)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                http=timed_http_protocol(limits.get("read_timeout_s", READ_TIMEOUT_S)))
 
 
 class BackgroundServer:
@@ -634,7 +703,14 @@ class BackgroundServer:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
         self.host, self.port = self._socket.getsockname()[:2]
+        from sftlab.http_guard import timed_http_protocol
+
+        guard = getattr(app.state, "guard", None)
+        if guard is not None and guard.port is None:
+            guard.port = self.port  # the Host check knows the port now
+        head_timeout = getattr(getattr(app.state, "service", None), "read_timeout_s", READ_TIMEOUT_S)
         self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
+                                                     http=timed_http_protocol(head_timeout),
                                                      timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="sftlab-serve", daemon=True)

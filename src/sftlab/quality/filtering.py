@@ -113,14 +113,18 @@ class FilterRules(SettingsBase):
 
 def load_rules(path: str | Path | None = None, **overrides) -> FilterRules:
     """Rules from a YAML file (keys = FilterRules fields), then `overrides` that are not None."""
-    import yaml
 
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: rules file not found", "bad_rules")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        from sftlab.config import ConfigError, load_yaml
+
+        try:
+            loaded = load_yaml(path.read_text(), str(path)) or {}
+        except ConfigError as exc:
+            raise DataError(str(exc), "bad_rules") from None
         if not isinstance(loaded, dict):
             raise DataError(f"{path}: a rules file is a YAML mapping of rule: value", "bad_rules")
         data.update(loaded)

@@ -15,26 +15,36 @@
 
 Every error is a JSON {"error": message} shown in the page, never a stack trace. Bound to
 127.0.0.1 by default; bound anywhere else, every request needs the token the command prints.
+
+Security (see docs/ui.md#security): every request's Host must be a name the server answers to
+(DNS rebinding); every POST must carry the per-server CSRF token the page embeds
+(`<meta name="csrf-token">`, sent back as `X-CSRF-Token`), come from the server's own origin
+(Origin, else Referer) and be `application/json`; query strings with NUL bytes or numbers out of
+range are refused; bodies are capped in size and read time (sftlab.http_guard).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import json
 import logging
+import secrets
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import yaml
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sftlab.errors import SftlabError
+from sftlab.http_guard import MAX_JSON_DEPTH, MAX_REQUEST_MB, READ_TIMEOUT_S, SAFE_METHODS, Guard, GuardError, parse_json, read_body
 from sftlab.ui.jobs import Jobs, check_name, check_yaml
 from sftlab.ui.runs import UIError, eval_report, find_runs, histogram, read_metrics, resolve_run, run_row
 from sftlab.train.status import run_state
@@ -47,6 +57,10 @@ EXAMPLES_MAX = 50
 SOURCE_SCAN_ROWS = 200_000  # rows looked at when filtering examples by source
 DRAFT_KEYS = ("model", "data", "eval_data", "template", "method", "learning_rate", "num_epochs", "max_steps",
               "batch_size", "max_length", "val_fraction", "save_steps", "eval_steps", "logging_steps", "seed")
+CSRF_HEADER = "x-csrf-token"
+# query parameters that are counts or offsets: 0 <= value <= QUERY_NUMBER_MAX, else a 400
+NUMBER_PARAMS = ("after", "offset", "limit", "row", "min_len", "max_len")
+QUERY_NUMBER_MAX = 2**53
 
 
 def _error(exc: Exception) -> JSONResponse:
@@ -134,8 +148,9 @@ class _ServeRun:
 
 
 class _UI:
-    def __init__(self, root: Path, token: str | None):
-        self.root, self.token = root, token
+    def __init__(self, root: Path, token: str | None, guard: Guard):
+        self.root, self.token, self.guard = root, token, guard
+        self.csrf = secrets.token_urlsafe(24)  # the page's own, embedded in it; a foreign page cannot read it
         self.data, self.models, self.jobs = _DataCache(), _Models(), Jobs(root)
 
     def run(self, name: str | None) -> Path:
@@ -148,10 +163,28 @@ def _authorized(request: Request, token: str) -> bool:
     return bool(offered) and hmac.compare_digest(offered.encode(), token.encode())
 
 
-def create_ui_app(runs: str | Path = "runs", token: str | None = None) -> FastAPI:
-    """The UI over the runs under `runs`; with `token`, every request must carry it."""
+def _query_error(request: Request) -> str | None:
+    """Why a request's path or query string is refused (NUL bytes, numbers out of range), or None."""
+    if "\x00" in unquote(request.url.path) or "\x00" in unquote(request.url.query):
+        return "a NUL byte in the address"
+    for name in NUMBER_PARAMS:
+        for value in request.query_params.getlist(name):
+            try:
+                number = int(value)
+            except ValueError:
+                return f"?{name}={value[:40]}: expected a whole number"
+            if not 0 <= number <= QUERY_NUMBER_MAX:
+                return f"?{name}={value[:40]}: out of range (0..{QUERY_NUMBER_MAX})"
+    return None
+
+
+def create_ui_app(runs: str | Path = "runs", token: str | None = None, host: str = "127.0.0.1",
+                  port: int | None = None, allowed_hosts=(), max_request_mb: float = MAX_REQUEST_MB) -> FastAPI:
+    """The UI over the runs under `runs`; with `token`, every request must carry it. `host`, `port`
+    and `allowed_hosts` are the names requests may address (the Host check against DNS rebinding)."""
     root = Path(runs).expanduser().resolve()
-    ui = _UI(root, token)
+    ui = _UI(root, token, Guard.for_binding(host, port, allowed_hosts))
+    ui.max_request_bytes = int(max_request_mb * 2**20)
 
     @asynccontextmanager
     async def lifespan(app_: FastAPI):
@@ -160,13 +193,24 @@ def create_ui_app(runs: str | Path = "runs", token: str | None = None) -> FastAP
         ui.jobs.close()
 
     app = FastAPI(title="sftlab ui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.ui = ui
+    app.state.ui, app.state.guard, app.state.csrf_token = ui, ui.guard, ui.csrf
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        try:
+            ui.guard.check(request.method, request.headers)
+        except GuardError as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
         if token and not _authorized(request, token):
             return JSONResponse({"error": "this sftlab ui needs its token: open the address `sftlab ui` printed "
                                           "(…/?token=…)"}, status_code=401)
+        if request.method not in SAFE_METHODS and not hmac.compare_digest(
+                request.headers.get(CSRF_HEADER, "").encode(), ui.csrf.encode()):
+            return JSONResponse({"error": "this request lacks the page's CSRF token (X-CSRF-Token): reload the "
+                                          "sftlab ui page and try again"}, status_code=403)
+        problem = _query_error(request)
+        if problem:
+            return JSONResponse({"error": problem}, status_code=400)
         try:
             response = await call_next(request)
         except Exception as exc:  # noqa: BLE001 - the page shows a message, the log keeps the trace
@@ -185,9 +229,22 @@ def create_ui_app(runs: str | Path = "runs", token: str | None = None) -> FastAP
         message = f"no such page: {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         return JSONResponse({"error": message}, status_code=exc.status_code)
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body"))
+        return JSONResponse({"error": f"{where or 'the request'}: {first.get('msg', 'invalid')}"[:300]}, status_code=400)
+
+    @app.exception_handler(GuardError)
+    async def guard_error(request: Request, exc: GuardError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    page = (STATIC / "index.html").read_text().replace(
+        '<meta charset="utf-8">', f'<meta charset="utf-8">\n<meta name="csrf-token" content="{html.escape(ui.csrf)}">', 1)
+
     @app.get("/")
     def index():
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/api/serve", _ServeRun(ui))
@@ -308,7 +365,7 @@ def create_ui_app(runs: str | Path = "runs", token: str | None = None) -> FastAP
 
     @app.post("/api/config/draft")
     async def config_draft(request: Request):
-        body = await _json(request)
+        body = await _json(request, ui)
         name = check_name(str(body.get("name", "")))
         draft = {"model": body.get("model") or "smollm2-135m-instruct"}
         for key in DRAFT_KEYS[1:]:
@@ -321,19 +378,21 @@ def create_ui_app(runs: str | Path = "runs", token: str | None = None) -> FastAP
         draft["output_dir"] = str(root / name)
         text = "# written by sftlab ui; edit freely: this file is what the run trains from\n" + \
             yaml.safe_dump(draft, sort_keys=False)
-        check_yaml(text, root, f"{name}.yaml")  # a bad field is named now, not when training starts
+        # a bad field is named now, not when training starts (off the event loop: YAML is untrusted work)
+        await asyncio.to_thread(check_yaml, text, root, f"{name}.yaml")
         return {"yaml": text, "path": str(root / f"{name}.yaml")}
 
     @app.post("/api/config/check")
     async def config_check(request: Request):
-        body = await _json(request)
-        config = check_yaml(str(body.get("yaml", "")), root, str(body.get("name") or "the config"))
+        body = await _json(request, ui)
+        config = await asyncio.to_thread(check_yaml, str(body.get("yaml", "")), root,
+                                         str(body.get("name") or "the config")[:200])
         return {"ok": True, "output_dir": config.output_dir, "model": config.model, "method": config.method}
 
     @app.post("/api/train")
     async def train_start(request: Request):
-        body = await _json(request)
-        return ui.jobs.start(str(body.get("name", "")), str(body.get("yaml", "")))
+        body = await _json(request, ui)
+        return await asyncio.to_thread(ui.jobs.start, str(body.get("name", "")), str(body.get("yaml", "")))
 
     @app.post("/api/stop")
     def train_stop(run: str):
@@ -346,11 +405,9 @@ def create_ui_app(runs: str | Path = "runs", token: str | None = None) -> FastAP
     return app
 
 
-async def _json(request: Request) -> dict:
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except ValueError:
-        raise UIError("the request body is not JSON") from None
+async def _json(request: Request, ui: _UI) -> dict:
+    raw = await read_body(request, ui.max_request_bytes, READ_TIMEOUT_S)
+    body = parse_json(raw or b"{}", MAX_JSON_DEPTH)
     if not isinstance(body, dict):
         raise UIError("the request body must be a JSON object")
     return body

@@ -41,8 +41,8 @@ def check_yaml(text: str, root: Path, where: str = "the config") -> RunConfig:
             if not source.path.startswith("hf:") and not Path(source.path).exists():
                 raise UIError(f"{key}: {source.path} not found (a path on the machine running sftlab ui)")
     out = Path(config.output_dir).expanduser().resolve()
-    if out != root and root not in out.parents:
-        raise UIError(f"output_dir: {config.output_dir} is outside the runs folder {root}; "
+    if root not in out.parents:  # strictly inside: the runs folder itself is not a run
+        raise UIError(f"output_dir: {config.output_dir} is not a folder inside the runs folder {root}; "
                       "the UI shows and controls runs inside it only")
     return config
 

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from sftlab.data import memo
 from sftlab.errors import SftlabError
@@ -84,9 +83,11 @@ def _read_json(path: Path) -> dict | None:
 
 
 def read_config(folder: Path) -> dict:
+    from sftlab.config import ConfigError, load_yaml
+
     try:
-        config = yaml.safe_load((folder / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        config = load_yaml((folder / "config.yaml").read_text(), str(folder / "config.yaml"))
+    except (OSError, ConfigError):
         return {}
     return config if isinstance(config, dict) else {}
 

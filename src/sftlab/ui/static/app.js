@@ -26,7 +26,10 @@ async function api(path, options = {}) {
   if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
   return body;
 }
-const post = (path, body) => api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body ?? {}) });
+// every POST carries the server's CSRF token, which it embeds in this page (a page of another origin cannot read it)
+const CSRF = document.querySelector('meta[name="csrf-token"]')?.content ?? "";
+const JSON_HEADERS = { "Content-Type": "application/json", "X-CSRF-Token": CSRF };
+const post = (path, body) => api(path, { method: "POST", headers: JSON_HEADERS, body: JSON.stringify(body ?? {}) });
 const errorBox = (err) => `<div class="error" role="alert">${esc(err.message || err)}</div>`;
 
 async function runsList() { return (await api("/api/runs")).runs; }
@@ -367,7 +370,7 @@ async function chatPage(run) {
     const button = document.getElementById("send"); button.disabled = true;
     let reply = "";
     try {
-      const response = await fetch(`/api/serve/v1/chat/completions?run=${encodeURIComponent(chosen)}`, { method: "POST", headers: { "Content-Type": "application/json" },
+      const response = await fetch(`/api/serve/v1/chat/completions?run=${encodeURIComponent(chosen)}`, { method: "POST", headers: JSON_HEADERS,
         body: JSON.stringify({ model, messages, stream: true, temperature: Number(document.getElementById("temperature").value), max_tokens: Number(document.getElementById("max-tokens").value),
           ...(document.getElementById("seed").value !== "" ? { seed: Number(document.getElementById("seed").value) } : {}) }) });
       if (!response.ok) { const body = await response.json().catch(() => ({})); throw new Error(body.error?.message || body.error || response.statusText); }
