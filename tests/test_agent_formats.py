@@ -116,14 +116,21 @@ def test_a_text_turn_then_a_function_call_turn_become_one_assistant_turn():
     ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0.5}],
      "invalid_weight", r"messages\[1\]: 'weight' must be 0 .* or 1"),
     ([{"role": "user", "content": "x", "weight": 1}, {"role": "assistant", "content": "y"}],
-     "invalid_weight", r"'weight' on a user message"),
+     "invalid_weight", r"'weight: 1' on a user message"),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "audio": {"id": "a"}}],
      "unknown_message_field", r"messages\[1\]: field 'audio' is not one sftlab reads"),
     ([{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}, {"role": "assistant", "content": "y"}],
      "orphan_tool_result", r"turn 1 is a tool result, but the turn before it calls no tool"),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [_call()]},
       {"role": "user", "content": "z"}, {"role": "assistant", "content": "y"}],
-     "missing_tool_result", r"turn 1 calls 1 tool\(s\) but no tool result follows it"),
+     "missing_tool_result", r"turn 1 calls 1 tool\(s\) but 0 result\(s\) follow it"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [_call(), _call(call_id="c2")]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "r"}, {"role": "assistant", "content": "y"}],
+     "missing_tool_result", r"calls 2 tool\(s\) but 1 result\(s\) follow it"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [_call(), _call(call_id="c2")]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "r"}, {"role": "tool", "tool_call_id": "call_1", "content": "r"},
+      {"role": "assistant", "content": "y"}],
+     "unmatched_tool_result", r"a second result for tool_call_id 'call_1'"),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [_call()]},
       {"role": "tool", "tool_call_id": "call_9", "content": "r"}, {"role": "assistant", "content": "y"}],
      "unmatched_tool_result", r"tool_call_id 'call_9' answers none of the calls before it \(call_1\)"),
@@ -153,3 +160,36 @@ def test_messages_round_trip_through_their_plain_form():
     ], tools=[WEATHER])
     again = Conversation.from_json(json.loads(json.dumps(conversation.to_json())))
     assert again == conversation and again.tools == conversation.tools
+
+
+def test_slimorca_weights_and_empty_values_of_unified_schemas_are_read():
+    row = {"conversations": [{"from": "system", "value": "S", "weight": None},
+                             {"from": "human", "value": "Q", "weight": 0.0, "tool_calls": [], "reasoning_content": ""},
+                             {"from": "gpt", "value": "A", "weight": 1.0, "name": ""}]}
+    conversation = from_sharegpt(RawRow(row, "slim:1"), FormatOptions())
+    assert conversation.messages == (Message("system", "S"), Message("user", "Q"), Message("assistant", "A", True))
+
+
+def test_a_tool_result_given_as_json_is_its_json_text():
+    conversation = _openai([
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [_call()]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"temp": 1}, {"temp": 2}]},
+        {"role": "assistant", "content": "y"}])
+    assert conversation.messages[2].content == '[{"temp": 1}, {"temp": 2}]'
+
+
+def test_r1_content_without_its_opening_tag_and_a_think_block_after_much_space():
+    late = _openai([{"role": "user", "content": "x"}, {"role": "assistant", "content": " " * 100 + "<think>r</think>y"}])
+    bare = _openai([{"role": "user", "content": "x"}, {"role": "assistant", "content": "Step 1.\n</think>\n\nDone."}])
+    assert (late.messages[1].reasoning, late.messages[1].content) == ("r", "y")
+    assert (bare.messages[1].reasoning, bare.messages[1].content) == ("Step 1.", "Done.")
+
+
+def test_merging_keeps_turns_of_different_weights_apart():
+    from sftlab.data.formats import from_openai
+
+    row = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"},
+                        {"role": "assistant", "content": "b", "weight": 0}]}
+    with pytest.raises(DataError) as error:
+        from_openai(RawRow(row, "m:1"), FormatOptions(merge_consecutive_roles=True))
+    assert error.value.reason == "consecutive_roles"

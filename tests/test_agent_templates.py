@@ -284,7 +284,7 @@ def test_llama3_like_trains_its_end_of_turn_and_end_of_call_tokens(family_model_
     # the prompt ends "<|end_header_id|>\n\n", which SmolLM2's tokenizer writes as one token at the end of
     # the text and as two before the reply: each turn trains on the prompt's own tokens, in a view of its own
     sequences = list(data.train)
-    assert len(sequences) == 2 and data.report["total"]["turn_views"]["turn_view_sequences"] == 2
+    assert len(sequences) == 2 and data.report["total"]["turn_views"]["turn_view_sequences"] == 1
     text = family_tokenizer.decode(sequences[0].input_ids)
     assert "Today Date: 4 Dec 2026" in text and "Functions you can call:\n" in text
     assert [family_tokenizer.decode(e.input_ids[e.labels != IGNORE_INDEX]) for e in sequences] == \
@@ -424,3 +424,37 @@ def test_inspect_shows_the_rows_of_one_kind_with_every_view(tiny_model_dir, tmp_
     assert "agent_demo.jsonl:5" not in result.output and "Weather in Paris and the time in Tokyo?" in result.output
     result = CliRunner().invoke(app, [*args, "--kind", "wings"])
     assert result.exit_code == 1 and "use one of tools, tool_calls" in result.output
+
+
+R1_LIKE = ("{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}"
+           "{{- '<|im_start|>assistant\\n' ~ m['content'].split('</think>')[-1] ~ '<|im_end|>\\n' -}}"
+           "{%- else -%}{{- '<|im_start|>' ~ m['role'] ~ '\\n' ~ m['content'] ~ '<|im_end|>\\n' -}}{%- endif -%}"
+           "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+
+def test_a_template_that_strips_reasoning_is_an_error_not_a_silent_loss(tokenizer, tmp_path):
+    path = tmp_path / "r1_like.jinja"
+    path.write_text(R1_LIKE)  # like DeepSeek-R1's own template: `content.split('</think>')[-1]` on every turn
+    conversation = from_openai(RawRow({"messages": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "The answer.", "reasoning_content": "long reasoning here"}]}, "r1:1"),
+        FormatOptions())
+    with pytest.raises(DataError, match=r"r1:1: template 'r1_like.jinja' does not write turn 1's reasoning") as error:
+        get_template(str(path), tokenizer).render(conversation)
+    assert error.value.reason == "reasoning_not_rendered"
+
+
+def test_train_reasoning_false_masks_a_reasoning_that_also_spells_its_tag(tokenizer):
+    conversation = from_openai(RawRow({"messages": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "The answer.", "reasoning_content": "think"}]}, "t:1"), FormatOptions())
+    row = get_template("chatml", tokenizer).render(conversation, train_reasoning=False)
+    (start, end), = row.trained_spans
+    assert row.text[start:end] == "The answer.<|im_end|>"
+
+
+def test_a_row_of_one_sequence_adds_no_view_cost(tiny_model_dir, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\nHello"}]}]
+    _, data = _prepare(tiny_model_dir, tmp_path, "chatml", data=_write(tmp_path, rows))
+    assert len(data.train) == 1 and data.report["total"]["turn_views"]["turn_view_sequences"] == 0
+    assert data.report["total"]["turn_views"]["rows_with_turn_views"] == 0

@@ -131,6 +131,10 @@ class RunConfig(_Strict):
         "assistant", description="which tokens carry loss: every trained assistant turn (weight 1), the last one, or "
         "all tokens"
     )
+    special_tokens_in_content: Literal["text", "allow", "drop_row"] = Field(
+        "text", description="text in messages that spells a control token (<|im_end|>, ...): 'text' tokenizes it as "
+        "text, 'allow' as the control token, 'drop_row' drops the row; the data report counts such rows"
+    )
     train_reasoning: bool = Field(
         True, description="train the reasoning of trained assistant turns; false keeps it in the text as masked context"
     )

@@ -210,6 +210,7 @@ def from_text(row: RawRow, options: FormatOptions) -> Conversation:
 # -- agent and reasoning data ------------------------------------------------------------------
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+INLINE_MARKERS = re.compile(r"\s*<think>|</think>|tool_call>")  # content that may hold inline reasoning or calls
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 TOOL_RESPONSE_BLOCK = re.compile(r"<tool_response>(.*?)</tool_response>", re.DOTALL)
 
@@ -261,9 +262,11 @@ def _split_inline(content: str, where: str) -> tuple[str, str | None, tuple[Tool
     """R1-style `<think>...</think>` opening an assistant's content and Hermes-style
     `<tool_call>{json}</tool_call>` blocks after its text -> (content, reasoning, calls)."""
     reasoning = None
-    if THINK_OPEN not in content[:64] and "tool_call>" not in content:  # the common case, checked in C
+    if not INLINE_MARKERS.search(content):  # the common case
         return content, None, ()
     stripped = content.lstrip()
+    if THINK_CLOSE in stripped and not stripped.startswith(THINK_OPEN) and THINK_OPEN not in stripped:
+        stripped = THINK_OPEN + stripped  # R1 outputs often lack the opening tag (the prompt wrote it)
     if stripped.startswith(THINK_OPEN):
         close = stripped.find(THINK_CLOSE)
         if close < 0:
@@ -290,12 +293,13 @@ def _split_inline(content: str, where: str) -> tuple[str, str | None, tuple[Tool
 
 
 def _content_text(content: Any, where: str, key: str, role: str) -> str | None:
+    text_parts = isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content)
+    if isinstance(content, (dict, list)) and role == "tool" and not text_parts:  # a structured result: its JSON
+        return json.dumps(content, ensure_ascii=False)
     if isinstance(content, list):  # OpenAI content parts: the text parts, joined
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
             raise DataError(f"{where}: only text content parts are supported", "non_text_content")
         return "".join(p["text"] for p in content)
-    if isinstance(content, (dict, list)) and role == "tool":  # a tool's structured result, as its JSON text
-        return json.dumps(content, ensure_ascii=False)
     if content is not None and not isinstance(content, str):
         raise DataError(f"{where}: '{key}' must be a string, found {type(content).__name__}", "non_string_content")
     return content
@@ -317,10 +321,12 @@ def _message(turn: Any, where: str, role_key: str, content_key: str) -> list[Mes
     if len(turn) == 2 and isinstance(content, str):  # a plain chat turn (the common case)
         if role in ("user", "system"):
             return [Message(role, content)]
-        if (role == "assistant" and THINK_OPEN not in content[:64] and "tool_call>" not in content
+        if (role == "assistant" and not INLINE_MARKERS.search(content)
                 and role_name.strip().lower() != "function_call"):
             return [Message(role, content, True)]
-    unknown = [k for k, v in turn.items() if k not in _KNOWN_KEYS and k != role_key and k != content_key and v is not None]
+    # a key with an empty value counts as absent (unified-schema exports write every key on every message)
+    turn = {k: v for k, v in turn.items() if k in (role_key, content_key) or not _empty(v)}
+    unknown = [k for k in turn if k not in _KNOWN_KEYS and k != role_key and k != content_key]
     if unknown:
         raise DataError(f"{where}: field '{unknown[0]}' is not one sftlab reads; a message has '{role_key}', "
                         f"'{content_key}' and optionally {', '.join(MESSAGE_KEYS)}", "unknown_message_field")
@@ -353,13 +359,13 @@ def _message(turn: Any, where: str, role_key: str, content_key: str) -> list[Mes
     trained = role == "assistant"
     weight = turn.get("weight")
     if weight is not None:
-        if role != "assistant":
-            raise DataError(f"{where}: 'weight' on a {role} message (OpenAI's 0/1 trained flag is for assistant turns)",
-                            "invalid_weight")
-        if isinstance(weight, bool) or weight not in (0, 1):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
             raise DataError(f"{where}: 'weight' must be 0 (not trained) or 1 (trained), found {weight!r} — it is "
                             "OpenAI's per-message flag; a source's sampling weight is `data[].weight`", "invalid_weight")
-        trained = weight == 1
+        if role != "assistant" and weight == 1:  # weight 0 on a prompt turn (SlimOrca writes it) is what it is anyway
+            raise DataError(f"{where}: 'weight: 1' on a {role} message: only assistant turns are trained",
+                            "invalid_weight")
+        trained = role == "assistant" and weight == 1
     if content is None:
         if not calls:
             raise DataError(f"{where}: '{content_key}' is null and the message makes no tool call", "non_string_content")
@@ -383,6 +389,10 @@ def _message(turn: Any, where: str, role_key: str, content_key: str) -> list[Mes
             return [Message("tool", b.strip("\n"), False, name=name or "", tool_call_id=call_id or "") for b in blocks]
         return [Message("tool", content, False, name=name or "", tool_call_id=call_id or "")]
     return [Message(role, content, False, name=name or "")]
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, list, dict)) and not value)
 
 
 def _turns(row: RawRow, options: FormatOptions, list_field: str, role_key: str, content_key: str) -> list[Message]:
@@ -456,8 +466,10 @@ def _validate_turns(row: RawRow, options: FormatOptions, messages: list[Message]
         for m in turns:
             last = merged[-1] if merged else None
             if (last is not None and last.role == m.role and m.role in ("user", "assistant")
-                    and not last.tool_calls and last.reasoning is None and m.reasoning is None):
-                merged[-1] = Message(m.role, last.content + "\n\n" + m.content, m.trained, m.tool_calls)
+                    and not last.tool_calls and last.reasoning is None and m.reasoning is None
+                    and last.trained == m.trained):  # turns of different weights stay apart (and are refused)
+                merged[-1] = Message(m.role, last.content + "\n\n" + m.content, m.trained, m.tool_calls, None,
+                                     last.name or m.name)
             else:
                 merged.append(m)
         turns = merged
@@ -472,7 +484,7 @@ def _validate_turns(row: RawRow, options: FormatOptions, messages: list[Message]
             "leading_assistant",
         )
     calls: list[ToolCall] = []  # the calls of the assistant turn whose results come now
-    results = 0
+    results, answered = 0, set()
     for i, m in enumerate(turns):
         previous = turns[i - 1] if i else None
         if m.role == "tool":
@@ -487,10 +499,14 @@ def _validate_turns(row: RawRow, options: FormatOptions, messages: list[Message]
             if m.tool_call_id and ids and m.tool_call_id not in ids:
                 raise DataError(f"{row.source}: turn {i}: tool_call_id {m.tool_call_id!r} answers none of the calls "
                                 f"before it ({', '.join(ids)})", "unmatched_tool_result")
+            if m.tool_call_id and m.tool_call_id in answered:
+                raise DataError(f"{row.source}: turn {i}: a second result for tool_call_id {m.tool_call_id!r}",
+                                "unmatched_tool_result")
+            answered.add(m.tool_call_id)
             continue
-        if previous is not None and previous.role == "assistant" and previous.tool_calls:
-            raise DataError(f"{row.source}: turn {i - 1} calls {len(previous.tool_calls)} tool(s) but no tool result "
-                            "follows it", "missing_tool_result")
+        if calls and results < len(calls):
+            raise DataError(f"{row.source}: turn {i - 1 - results} calls {len(calls)} tool(s) but {results} result(s) "
+                            "follow it: every call needs its result", "missing_tool_result")
         if previous is not None and previous.role == m.role:
             raise DataError(
                 f"{row.source}: turns {i - 1} and {i} are both '{m.role}' "
@@ -498,7 +514,9 @@ def _validate_turns(row: RawRow, options: FormatOptions, messages: list[Message]
             )
         if previous is not None and previous.role == "tool" and m.role not in ("assistant", "user"):
             raise DataError(f"{row.source}: turn {i} ({m.role}) follows a tool result", "malformed_turns")
-        calls, results = list(m.tool_calls), 0
+        calls, results, answered = list(m.tool_calls), 0, set()
+    if calls and turns[-1].role == "tool" and results < len(calls):
+        raise DataError(f"{row.source}: the last calls get {results} of {len(calls)} results", "missing_tool_result")
     if turns[-1].role != "assistant":
         raise DataError(
             f"{row.source}: the conversation ends without an assistant response "

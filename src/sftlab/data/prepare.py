@@ -39,7 +39,7 @@ CACHE_FORMAT = 7  # bump when the cached layout or the preparation logic changes
 # the run config keys that change the prepared data (part of the cache key)
 KEY_OPTIONS = frozenset({"max_length", "train_on", "on_error", "drop_leading_assistant", "merge_consecutive_roles",
                          "drop_trailing_user", "drop_duplicates", "val_fraction", "seed", "template_kwargs",
-                         "train_reasoning", "train_empty_think"})
+                         "train_reasoning", "train_empty_think", "special_tokens_in_content"})
 ROW_KINDS = ("tools", "tool_calls", "parallel_tool_calls", "tool_results", "reasoning", "untrained_turns")
 REPORT_DROPPED = 1000  # dropped rows listed in the report (all of them are in the store's dropped.jsonl)
 
@@ -147,6 +147,7 @@ class SourceReport:
     turns: Histogram = field(default_factory=Histogram)
     roles: Counter = field(default_factory=Counter)
     kinds: Counter = field(default_factory=Counter)  # rows with tools, tool calls, ... (ROW_KINDS)
+    special_text: int = 0  # rows whose text spells a control token (see sftlab.data.special)
     views: Counter = field(default_factory=Counter)  # VIEW_COUNTS
 
     def add_conversations(self, conversations: list[Conversation]) -> None:
@@ -188,7 +189,7 @@ class SourceReport:
         self.kinds.update(other.kinds)
         self.views.update(other.views)
         for name in ("rows_kept", "sequences", "truncated", "lost_end_token", "boundary_merged", "tokens",
-                     "trained_tokens"):
+                     "trained_tokens", "special_text"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("lengths", "prompt_lengths", "trained_lengths", "turns"):
             getattr(self, name).merge(getattr(other, name))
@@ -210,6 +211,7 @@ class SourceReport:
             "turns_percentiles": self.turns.percentiles(),
             "role_counts": dict(self.roles),
             "sequences": self.sequences,
+            "rows_with_special_token_text": self.special_text,
             "agent_rows": {f"rows_with_{kind}": self.kinds.get(kind, 0) for kind in ROW_KINDS},
             "turn_views": {name: self.views.get(name, 0) for name in VIEW_COUNTS},
         }
@@ -252,7 +254,7 @@ def _sample(rows: np.ndarray, weight: float, max_rows: int | None, rng: np.rando
 
 def _conversation_key(c: Conversation) -> int:
     """8 bytes a conversation for exact-duplicate detection (not the conversation itself)."""
-    text = "\x1e".join(f"{m.role}\x1f{m.content}" for m in c.messages)
+    text = "\x1e".join(f"{m.role}{'' if m.trained or m.role != 'assistant' else '~'}\x1f{m.content}" for m in c.messages)
     if c.tools or any(len(m.to_tuple()) > 3 for m in c.messages):  # agent rows: calls, results, reasoning count too
         text += "\x1d" + json.dumps([c.to_json()[1:]], sort_keys=True, default=str)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
@@ -436,7 +438,7 @@ def prepare_data(config: RunConfig, tokenizer=None, use_cache: bool | None = Non
         from sftlab.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(config.model)
-    template = get_template(config.template, tokenizer, config.template_kwargs or None)
+    template = get_template(config.template, tokenizer, config.template_kwargs or None, config.special_tokens_in_content)
     key = cache_key(config, tokenizer, template) if use_cache else None
     if quick is not None:
         memo.remember("cache-key", quick, key)
@@ -624,6 +626,9 @@ class _Preparation:
                 setattr(self, name, saved[name])
         self.writer = StoreWriter(folder, len(tokenizer), saved["writer"] if saved else None)
         self.workers = _ChunkTokenizer(tokenizer, template, config, _num_proc(config.num_proc))
+        from sftlab.data.special import SpecialText, control_tokens
+
+        self.special = SpecialText(control_tokens(tokenizer))  # counts control-token text whatever the mode
         self.chunk: list[Conversation] = []
         self.last_checkpoint = time.perf_counter()
 
@@ -704,6 +709,14 @@ class _Preparation:
             report.dropped[conversation.reason] += 1
             self._drop([conversation])
             return
+        if self.special.in_conversation(conversation):
+            report.special_text += 1
+            if config.special_tokens_in_content == "drop_row":
+                dropped = Dropped(conversation.source, "special_token_text",
+                                  "the row's text spells a control token (special_tokens_in_content: drop_row)")
+                report.dropped[dropped.reason] += 1
+                self._drop([dropped])
+                return
         # exact duplicates: always counted, dropped on request
         if not self.seen.add(_conversation_key(conversation)):  # an identical conversation came earlier
             report.duplicates += 1

@@ -55,6 +55,8 @@ CHATML_TOOLS_RULES = ("\n</tools>\n\nTo call a function, write a JSON object wit
                       '{"name": <function-name>, "arguments": <arguments-object>}\n</tool_call>')
 # An empty think block at the start of a reply (Qwen3 writes one for a turn without reasoning).
 EMPTY_THINK = re.compile(r"\s*<(think|thinking|reasoning)>\s*</\1>\s*")
+# What opens a reasoning block at the start of a reply: a tag, or a special token.
+REASONING_OPENER = re.compile(r"\s*(?:<[A-Za-z_][\w-]*>|<\|[^<>|]*\|>)")
 # What closes a reasoning block after its text: a closing tag or a special token, then blank lines.
 AFTER_REASONING = re.compile(r"\s*(?:</[A-Za-z_][\w-]*>|<\|[^<>|]*\|>|<｜[^<>]*｜>)?[ \t]*\n*")
 # A template shows what it writes into the text: the probes below find out which of these it does.
@@ -218,6 +220,8 @@ class Template:
     eos_token: str = ""  # ends plain-text (pre-training style) examples
     shows: frozenset = frozenset()
     kwargs: dict = {}  # template_kwargs, passed to a Jinja template at every render
+    special_tokens: str = "allow"  # special_tokens_in_content: text | allow | drop_row
+    special = None  # a SpecialText that marks control-token text in messages (mode "text"), see data/special.py
 
     @property
     def jinja(self) -> str:
@@ -237,11 +241,17 @@ class Template:
         return defaults + self.jinja
 
     def _prepared(self, messages) -> list[Message]:
-        """The messages as this template renders them: reasoning inline when it does not show it."""
+        """The messages as this template renders them: control-token text marked (to stay text),
+        reasoning inline when the template does not show it."""
         messages = [m if isinstance(m, Message) else Message(m[0], m[1]) for m in messages]
+        if self.special is not None:
+            messages = self.special.mark_messages(messages)
         if "reasoning" in self.shows or all(m.reasoning is None for m in messages):
             return messages
         return [inline_reasoning(m) for m in messages]
+
+    def _tools(self, tools) -> tuple:
+        return tuple(self.special.mark_value(list(tools))) if self.special is not None and tools else tuple(tools)
 
     def jinja_messages(self, messages) -> list[dict]:
         """What this template's Jinja text is given for `messages`."""
@@ -252,7 +262,7 @@ class Template:
         inference prompt) exactly as `render_messages` does."""
         for messages, generation in ((conversation.messages, False), (conversation.prompt_messages(), True)):
             ours = self.render_messages(messages, generation, conversation.tools)
-            theirs = render_jinja(self.jinja, self.jinja_messages(messages), generation, conversation.tools,
+            theirs = render_jinja(self.jinja, self.jinja_messages(messages), generation, self._tools(conversation.tools),
                                   eos_token=self.eos_token)
             if ours != theirs:
                 at = _first_difference(ours, theirs)
@@ -271,7 +281,7 @@ class Template:
 
     def generation_prompt(self, messages, tools=()) -> str:
         """`messages` and the start of the assistant's reply, from the Jinja text."""
-        return render_jinja(self.jinja, self.jinja_messages(messages), True, tools, eos_token=self.eos_token)
+        return render_jinja(self.jinja, self.jinja_messages(messages), True, self._tools(tools), eos_token=self.eos_token)
 
     def check_shows(self, conversation: Conversation) -> None:
         """DataError (with the row's location) when the row has tools, tool calls or tool results
@@ -305,9 +315,10 @@ class Template:
         """The end of the turn whose reply starts at `start`: after its last end token."""
         found = [(text.rfind(token, start), token) for token in self.end_tokens if text.find(token, start) >= 0]
         if not found:
-            raise TemplateError(
-                f"{source}: template '{self.name}' does not close the assistant turn with "
-                f"{' or '.join(map(repr, self.end_tokens)) or 'an end token'}; a model trained on it would not learn to stop")
+            raise DataError(
+                f"{source}: template '{self.name}' does not close this assistant turn with "
+                f"{' or '.join(map(repr, self.end_tokens)) or 'an end token'}; a model trained on it would not learn to "
+                "stop", "no_end_token")
         at, token = max(found)
         return at + len(token)
 
@@ -315,7 +326,7 @@ class Template:
                train_empty_think: bool = False) -> RenderedRow:
         messages = conversation.messages
         if len(messages) == 1 and messages[0].role == "text":
-            text = messages[0].content + self.eos_token
+            text = self._prepared(messages)[0].content + self.eos_token
             return RenderedRow((Rendered(text, ((0, len(text)),)),))
         self.check_shows(conversation)
         full = self._render(conversation, messages, False)
@@ -340,6 +351,12 @@ class Template:
             end = self._turn_end(upto, start, conversation.source)
             trained_from = start
             reply = upto[start:end]
+            if messages[i].reasoning is not None and self._shown(messages[i].reasoning) not in reply:
+                raise DataError(
+                    f"{conversation.source}: template '{self.name}' does not write turn {i}'s reasoning (it strips "
+                    "reasoning from assistant turns, as DeepSeek-R1's own template does), so it would not be trained; "
+                    "use a template that renders reasoning_content (chatml, or a .jinja file) or remove the reasoning",
+                    "reasoning_not_rendered")
             if messages[i].reasoning is None:
                 empty = EMPTY_THINK.match(reply)
                 if empty and not train_empty_think and empty.end() < len(reply):
@@ -358,13 +375,20 @@ class Template:
                          for text, spans, starts in [views[0], *extra])
         return RenderedRow(rendered, masked_think, masked_reasoning)
 
+    def _shown(self, text: str) -> str:
+        """`text` as it appears in the rendered text (control-token text marked)."""
+        text = text.strip()
+        return self.special.mark(text) if self.special is not None else text
+
     def _reasoning_end(self, reply: str, reasoning: str, source: str, turn: int) -> int:
         """Where the reasoning block of a reply ends (after its closing tag and blank lines)."""
-        text = reasoning.strip()
-        at = reply.find(text)
+        text = self._shown(reasoning)
+        opener = REASONING_OPENER.match(reply)  # the reasoning is searched after the block's opening tag
+        at = reply.find(text, opener.end() if opener else 0)
         if at < 0:
-            raise TemplateError(f"{source}: template '{self.name}' does not write turn {turn}'s reasoning as given, so "
-                                "it cannot be masked; set `train_reasoning: true` or use a template that writes it")
+            raise DataError(f"{source}: template '{self.name}' does not write turn {turn}'s reasoning as given, so "
+                            "it cannot be masked; set `train_reasoning: true` or use a template that writes it",
+                            "reasoning_not_rendered")
         return min(AFTER_REASONING.match(reply, at + len(text)).end(), len(reply) - 1)
 
 
@@ -439,7 +463,7 @@ class ChatMLTemplate(Template):
         return _merge_inputs(super()._prepared(messages))
 
     def render_messages(self, messages, add_generation_prompt, tools=()):
-        messages = self._prepared(messages)
+        messages, tools = self._prepared(messages), self._tools(tools)
         parts = []
         if tools:
             block = CHATML_TOOLS_INTRO + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools) + CHATML_TOOLS_RULES
@@ -505,8 +529,8 @@ class JinjaTemplate(Template):
 
     def render_messages(self, messages, add_generation_prompt, tools=()):
         return self.tokenizer.apply_chat_template(
-            template_messages(_merge_inputs(self._prepared(messages))), tools=list(tools) or None, tokenize=False,
-            add_generation_prompt=add_generation_prompt, chat_template=self.source, **self.kwargs,
+            template_messages(_merge_inputs(self._prepared(messages))), tools=list(self._tools(tools)) or None,
+            tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.source, **self.kwargs,
         )
 
     def _special_tokens(self) -> list[str]:
@@ -561,9 +585,21 @@ class JinjaTemplate(Template):
         return (last[1],) if last and last[1] != self.end_token else ()
 
 
-def get_template(name: str, tokenizer, kwargs: dict | None = None) -> Template:
+def get_template(name: str, tokenizer, kwargs: dict | None = None, special_tokens: str = "text") -> Template:
     """alpaca | chatml | tokenizer | a path to a .jinja file; `kwargs` are the run's template_kwargs
-    (for Jinja templates)."""
+    (for Jinja templates); `special_tokens` the run's special_tokens_in_content (text: control-token
+    text in messages stays text)."""
+    template = _template(name, tokenizer, kwargs)
+    from sftlab.data.special import MODES, SpecialText, control_tokens
+
+    if special_tokens not in MODES:
+        raise TemplateError(f"special_tokens_in_content: {special_tokens!r}; use one of {', '.join(MODES)}")
+    template.special_tokens = special_tokens
+    template.special = SpecialText(control_tokens(tokenizer)) if special_tokens == "text" else None
+    return template
+
+
+def _template(name: str, tokenizer, kwargs: dict | None) -> Template:
     for key in kwargs or {}:
         if not re.fullmatch(r"[A-Za-z_]\w*", str(key)) or key in ("messages", "tools", "add_generation_prompt"):
             raise TemplateError(f"template_kwargs: {key!r} is not a variable name a chat template can be given")
@@ -585,15 +621,20 @@ def get_template(name: str, tokenizer, kwargs: dict | None = None) -> Template:
 
 
 def run_template(info: dict, tokenizer, template: str | None = None) -> Template:
-    """The template a saved run trained with (its name and template_kwargs in sftlab.json);
-    `template` replaces the name (a plain model folder)."""
-    return get_template(template or info.get("template", "alpaca"), tokenizer, info.get("template_kwargs") or None)
+    """The template a saved run trained with (its name, template_kwargs and special-token mode in
+    sftlab.json; a run saved before the mode existed let control-token text through); `template`
+    replaces the name (a plain model folder)."""
+    mode = info.get("special_tokens_in_content", "allow" if info else "text")
+    kwargs = info.get("template_kwargs") or None
+    if template in ("alpaca", "chatml"):
+        kwargs = None  # a built-in chosen over the run's own template reads no kwargs
+    return get_template(template or info.get("template", "alpaca"), tokenizer, kwargs, mode)
 
 
 def template_fingerprint(template: Template) -> str:
     """What identifies a template's output (for the data cache and the saved run)."""
     kwargs = json.dumps(template.kwargs, sort_keys=True, default=str) if template.kwargs else ""
-    return f"{template.name}|{template.end_token}|{getattr(template, 'source', None) or ''}|{kwargs}"
+    return f"{template.name}|{template.end_token}|{getattr(template, 'source', None) or ''}|{kwargs}|{template.special_tokens}"
 
 
 def check_consistency(template: Template, tokenizer, conversation: Conversation, train_on: str = "assistant",
@@ -602,7 +643,7 @@ def check_consistency(template: Template, tokenizer, conversation: Conversation,
     prompt tokenizes to exactly the view's token ids before that turn's reply."""
     if train_on == "all":
         return
-    from sftlab.data.tokenize import exact_views, view_tokens
+    from sftlab.data.tokenize import encode_ids, exact_views, view_tokens
 
     row = exact_views(tokenizer, template.render(conversation, train_on, **options))
     for view in row.views:
@@ -611,7 +652,7 @@ def check_consistency(template: Template, tokenizer, conversation: Conversation,
         ids, offsets = view_tokens(tokenizer, view)
         for turn, start in view.turns:
             prompt = template.generation_prompt(conversation.messages[:turn], conversation.tools)  # as inference renders it
-            prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            prompt_ids = encode_ids(tokenizer, prompt)
             first_reply = next((k for k, (s, _) in enumerate(offsets) if s >= start), len(ids))
             if prompt_ids != ids[:first_reply]:
                 at = next((k for k, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), first_reply))

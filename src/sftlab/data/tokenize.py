@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sftlab.data.special import MARK_CLOSE, MARK_OPEN, Encoding, encode_marked, unmark
 from sftlab.data.templates import Rendered, RenderedRow
 
 IGNORE_INDEX = -100
@@ -68,18 +69,39 @@ def _labels_from_offsets(ids: np.ndarray, offsets: np.ndarray, spans) -> tuple[n
     return trained, merged
 
 
+def _backend(tokenizer):
+    """The Rust tokenizer of a fast tokenizer (or a backend given as is); None for a slow one."""
+    return getattr(tokenizer, "backend_tokenizer", tokenizer if hasattr(tokenizer, "encode_batch") else None)
+
+
+def encode(tokenizer, text: str, add_special_tokens: bool = True) -> Encoding:
+    """`text` tokenized as training tokenizes it: control-token text that the template marked
+    (sftlab.data.special) as plain text, the rest as usual; special tokens (BOS) added the
+    tokenizer's way. What training, the consistency check and inference all call."""
+    backend = _backend(tokenizer)
+    if backend is not None:
+        return encode_marked(backend, text, add_special_tokens)
+    encoded = tokenizer(unmark(text), add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                        return_special_tokens_mask=True)
+    return Encoding(list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]],
+                    list(encoded["special_tokens_mask"]))
+
+
+def encode_ids(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    return encode(tokenizer, text, add_special_tokens).ids
+
+
 def view_tokens(tokenizer, view: Rendered) -> tuple[list[int], list[tuple[int, int]]]:
     """(ids, character offsets) of a view as training tokenizes it: whole, or, for a view split at a
     turn's reply, its context and its reply apart (the context then tokenizes as the inference
     prompt does)."""
     if view.split_at is None:
-        encoded = tokenizer(view.text, add_special_tokens=True, return_offsets_mapping=True)
-        return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
-    head = tokenizer(view.text[: view.split_at], add_special_tokens=True, return_offsets_mapping=True)
-    tail = tokenizer(view.text[view.split_at:], add_special_tokens=False, return_offsets_mapping=True)
+        whole = encode(tokenizer, view.text)
+        return whole.ids, whole.offsets
+    head = encode(tokenizer, view.text[: view.split_at])
+    tail = encode(tokenizer, view.text[view.split_at:], add_special_tokens=False)
     shift = view.split_at
-    return (list(head["input_ids"]) + list(tail["input_ids"]),
-            [tuple(o) for o in head["offset_mapping"]] + [(s + shift, e + shift) for s, e in tail["offset_mapping"]])
+    return head.ids + tail.ids, head.offsets + [(s + shift, e + shift) for s, e in tail.offsets]
 
 
 def _added_ids(backend) -> frozenset[int]:
@@ -99,7 +121,7 @@ def _context_tokenizes_alone(backend, encoding, text: str, at: int, added: froze
     start = added_before[-1] + 1 if added_before else next(
         (k for k in range(end) if not encoding.special_tokens_mask[k]), end)
     char = offsets[start - 1][1] if added_before else 0
-    return backend.encode(text[char:at], add_special_tokens=False).ids == ids[start:end]
+    return encode_marked(backend, text[char:at], add_special_tokens=False).ids == ids[start:end]
 
 
 def _end_sensitive(text: str, at: int) -> bool:
@@ -122,7 +144,7 @@ def exact_views(tokenizer, row: RenderedRow) -> RenderedRow:
     learns its reply from exactly the tokens it is given at inference. Only turns whose prompt
     ends in whitespace are looked at (_end_sensitive); the consistency check of every prepare
     compares all turns of its sample rows."""
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer if hasattr(tokenizer, "encode_batch") else None)
+    backend = _backend(tokenizer)
     if backend is None:
         return row
     views, moved, added = [], [], None
@@ -132,7 +154,7 @@ def exact_views(tokenizer, row: RenderedRow) -> RenderedRow:
             views.append(view)
             continue
         added = added if added is not None else _added_ids(backend)
-        encoding = backend.encode(view.text, add_special_tokens=True)
+        encoding = encode_marked(backend, view.text)
         bad = {turn for turn in suspects if not _context_tokenizes_alone(backend, encoding, view.text, turn[1], added)}
         if not bad:
             views.append(view)
@@ -150,18 +172,20 @@ def _mask(tokenizer, texts: list[str], spans_per_text, splits=None) -> list[tupl
     """(ids, trained mask, merged) per text, with the tokenizer's own special tokens (BOS exactly
     when it adds one). Only the tokens at span boundaries are looked up, through the Rust
     encoding, instead of converting every token's offsets to Python. A text with a split
-    (`splits`) is tokenized in two parts (see view_tokens)."""
+    (`splits`) is tokenized in two parts (see view_tokens), and one with marked control-token text
+    (sftlab.data.special) piece by piece; both are rare."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if splits is not None and any(s is not None for s in splits):
-        out = _mask(tokenizer, [t for t, s in zip(texts, splits) if s is None],
-                    [p for p, s in zip(spans_per_text, splits) if s is None])[::-1]
+    splits = splits or [None] * len(texts)
+    slow = [s is not None or MARK_OPEN in t or MARK_CLOSE in t for t, s in zip(texts, splits)]
+    if any(slow):
+        out = _mask(tokenizer, [t for t, x in zip(texts, slow) if not x],
+                    [p for p, x in zip(spans_per_text, slow) if not x])[::-1]
         results = []
-        for text, spans, split in zip(texts, spans_per_text, splits):
-            if split is None:
+        for text, spans, split, x in zip(texts, spans_per_text, splits, slow):
+            if not x:
                 results.append(out.pop())
                 continue
-            ids, offsets = view_tokens(tokenizer if backend is None else _Encoder(backend),
-                                       Rendered(text, tuple(spans), (), split))
+            ids, offsets = view_tokens(tokenizer, Rendered(text, tuple(spans), (), split))
             ids = np.asarray(ids, dtype=np.int32)
             results.append((ids, *_labels_from_offsets(ids, np.asarray(offsets, dtype=np.int64).reshape(-1, 2), spans)))
         return results
@@ -269,8 +293,10 @@ def tokenize_rows(tokenizer, rows: list[RenderedRow], sources: list[str], max_le
                        else Dropped(sources[k], "no_trained_tokens", "the rendered example has no trained token"))
             continue
         examples = tuple(e if n == 0 else _continuing(e) for n, (_, e) in enumerate(kept))
-        extra = [e for (v, _), e in zip(kept, examples) if v > 0]
-        out.append(TokenizedRow(examples, sources[k], len(extra), sum(len(e) for e in extra),
+        # what the views cost: the sequences beyond one, and their tokens beyond the longest (the whole
+        # conversation, or the view that stands for it when every turn moved into one of its own)
+        tokens = sorted((len(e) for e in examples), reverse=True)
+        out.append(TokenizedRow(examples, sources[k], len(examples) - 1, sum(tokens[1:]),
                                 sum(d.reason == "response_truncated_away" for d in dropped),
                                 rows[k].empty_think_masked, rows[k].reasoning_masked))
     return out
@@ -280,13 +306,3 @@ def _continuing(example: Example) -> Example:
     return Example(example.input_ids, example.labels, example.source, example.truncated, example.boundary_merged,
                    example.lost_end_token, continues=True)
 
-
-class _Encoder:
-    """A tokenizers backend called like a transformers tokenizer (what view_tokens needs)."""
-
-    def __init__(self, backend):
-        self.backend = backend
-
-    def __call__(self, text: str, add_special_tokens: bool = True, return_offsets_mapping: bool = True) -> dict:
-        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
-        return {"input_ids": encoding.ids, "offset_mapping": encoding.offsets}

@@ -154,12 +154,14 @@ class _Models:
     same_vocab: bool  # KL and shared examples need the same token ids
     memo: BaseMemo
     template_kwargs: dict = field(default_factory=dict)  # the run's template_kwargs
+    special_tokens: str = "text"  # the run's special_tokens_in_content
 
     def generators(self):
         from sftlab.infer.generate import Generator
 
-        return {"tuned": Generator(self.tuned, self.tokenizer, self.template, self.template_kwargs),
-                "base": Generator(self.base, self.base_tokenizer, self.template, self.template_kwargs)}
+        return {"tuned": Generator(self.tuned, self.tokenizer, self.template, self.template_kwargs, self.special_tokens),
+                "base": Generator(self.base, self.base_tokenizer, self.template, self.template_kwargs,
+                                  self.special_tokens)}
 
 
 def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console: Console | None = None,
@@ -201,7 +203,7 @@ def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console:
         models = _Models(tuned, tokenizer, base_model, base_tokenizer, device, template,
                          measures.same_vocabulary(tokenizer, base_tokenizer),
                          BaseMemo.for_base(base_name, template, device, s.cache, console, template_kwargs),
-                         template_kwargs)
+                         template_kwargs, info.get("special_tokens_in_content", "allow"))
         timings["load"] = _lap(t)
         report: dict = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

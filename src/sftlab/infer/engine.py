@@ -648,19 +648,19 @@ class InferenceModel:
         device: torch.device | None = None,
     ) -> "InferenceModel":
         """A run directory uses its saved template; a plain model uses `template` (default alpaca)."""
-        from sftlab.data.templates import get_template
         from sftlab.models.loading import load_for_inference
 
         model, tokenizer, info = load_for_inference(model_or_run, device)
         return cls.from_model(model, tokenizer, template or info.get("template", "alpaca"), info,
-                              str(model_or_run), max_batch_size, batch_window_ms, get_template)
+                              str(model_or_run), max_batch_size, batch_window_ms)
 
     @classmethod
     def from_model(cls, model, tokenizer, template_name: str, run_info: dict | None = None, source: str = "",
-                   max_batch_size: int = 8, batch_window_ms: float = 20.0, get_template=None) -> "InferenceModel":
-        if get_template is None:
-            from sftlab.data.templates import get_template
-        template = get_template(template_name, tokenizer, (run_info or {}).get("template_kwargs") or None)
+                   max_batch_size: int = 8, batch_window_ms: float = 20.0) -> "InferenceModel":
+        """`run_info` (sftlab.json) gives the template's kwargs and special-token mode."""
+        from sftlab.data.templates import run_template
+
+        template = run_template(run_info or {}, tokenizer, template_name)
         ids, strings = stop_tokens(tokenizer, model, template)
         context = context_length(model, tokenizer)
         engine = BatchEngine.for_tokenizer(model, tokenizer, ids, max_batch_size=max_batch_size,
@@ -671,5 +671,8 @@ class InferenceModel:
         return render_chat_prompt(self.template, messages)
 
     def encode(self, text: str) -> list[int]:
-        """Prompt text -> ids, tokenized as training tokenized it (special tokens added the same way)."""
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        """Prompt text -> ids, tokenized as training tokenized it (special tokens added the same way;
+        control-token text the template marked stays text)."""
+        from sftlab.data.tokenize import encode_ids
+
+        return encode_ids(self.tokenizer, text)

@@ -23,16 +23,19 @@ class Generator:
     tokenizer: object
     template_name: str
     template_kwargs: dict = field(default_factory=dict)  # the run's template_kwargs
+    special_tokens: str = "text"  # the run's special_tokens_in_content
 
     @classmethod
     def load(cls, model_or_run: str, template: str | None = None, device: torch.device | None = None) -> "Generator":
         """A run directory uses its saved template; a plain model uses `template` (default alpaca)."""
         model, tokenizer, info = load_for_inference(model_or_run, device)
-        return cls(model, tokenizer, template or info.get("template", "alpaca"), dict(info.get("template_kwargs") or {}))
+        kwargs = {} if template in ("alpaca", "chatml") else dict(info.get("template_kwargs") or {})
+        return cls(model, tokenizer, template or info.get("template", "alpaca"), kwargs,
+                   info.get("special_tokens_in_content", "allow" if info else "text"))
 
     def prompt_text(self, instruction: str, input: str = "") -> str:
         messages = [Message("user", instruction)] + ([Message("input", input)] if input.strip() else [])
-        template = get_template(self.template_name, self.tokenizer, self.template_kwargs or None)
+        template = get_template(self.template_name, self.tokenizer, self.template_kwargs or None, self.special_tokens)
         return template.render_prompt(Conversation(tuple(messages)))
 
     def generate(
@@ -48,7 +51,8 @@ class Generator:
         prompt i samples with seed + i). Decoded by the engine `serve` and `chat` use, batch_size
         rows at a time, stopping at EOS and at the template's end-of-turn token."""
         inference = InferenceModel.from_model(self.model, self.tokenizer, self.template_name,
-                                              {"template_kwargs": self.template_kwargs},
+                                              {"template_kwargs": self.template_kwargs,
+                                               "special_tokens_in_content": self.special_tokens},
                                               max_batch_size=batch_size, batch_window_ms=0.0)
         ids = [inference.encode(self.prompt_text(instruction, context)) for instruction, context in prompts]
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -484,7 +484,9 @@ async def render_route(request: Request):
     body = await _read_body(request)
     prompt = await asyncio.to_thread(svc.render, body)
     tokens = await asyncio.to_thread(svc.inference.encode, prompt)
-    return {"prompt": prompt, "prompt_tokens": len(tokens), "template": svc.inference.template_name}
+    from sftlab.data.special import unmark
+
+    return {"prompt": unmark(prompt), "prompt_tokens": len(tokens), "template": svc.inference.template_name}
 
 
 def _check_chat_options(body: dict) -> None:

@@ -79,6 +79,10 @@ def _length_section(rows: list[QualityRow], tokenizer=None, template: str = "alp
     response_tokens = token_counts(tokenizer, [r.response for r in rows], special=False)
     example_tokens = example_token_counts(tokenizer, [r.conversation for r in rows], template)
     over = [(r, n) for r, n in zip(rows, example_tokens) if n is not None and n > max_length]
+    from sftlab.data.special import SpecialText, control_tokens
+
+    special = SpecialText(control_tokens(tokenizer))
+    spelled = [r for r in rows if special.in_conversation(r.conversation)]
     out.update({
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "template": template,
@@ -88,6 +92,8 @@ def _length_section(rows: list[QualityRow], tokenizer=None, template: str = "alp
                            "histogram": histogram([n for n in example_tokens if n is not None])},
         "over_max_length": {"max_length": max_length, "count": len(over),
                             "rows": [{"source": r.source, "tokens": n} for r, n in over[:MAX_LISTED]]},
+        # text that spells one of the tokenizer's control tokens (training keeps it text; see docs/data.md)
+        "special_token_text": {"count": len(spelled), "rows": [r.source for r in spelled[:MAX_LISTED]]},
     })
     return out
 

@@ -73,7 +73,8 @@ def normalize(text: str) -> str:
 
 def exact_key(conversation) -> str:
     """Equal for conversations equal after normalisation; tool calls, tool lists and reasoning count too."""
-    body = "\x1e".join(f"{m.role}\x1f{normalize(m.content)}" for m in conversation.messages)
+    body = "\x1e".join(f"{m.role}{'' if m.trained or m.role != 'assistant' else '~'}\x1f{normalize(m.content)}"
+                       for m in conversation.messages)
     extras = [[m.reasoning, [c.template_dict()["function"] for c in m.tool_calls]] for m in conversation.messages
               if m.reasoning is not None or m.tool_calls]
     if extras or conversation.tools:

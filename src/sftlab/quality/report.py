@@ -183,6 +183,11 @@ def _lengths_html(r: dict) -> list[str]:
                      f"(template <code>{e(lengths.get('template', ''))}</code>, tokenizer <code>{e(lengths.get('tokenizer', ''))}</code>).</p>")
         if over["rows"]:
             parts.append(_table(["source", "tokens"], [[x["source"], x["tokens"]] for x in over["rows"][:SHOWN]]))
+    if lengths.get("special_token_text", {}).get("count"):
+        spelled = lengths["special_token_text"]
+        parts.append(f"<p>{spelled['count']} rows have text that spells one of the tokenizer's control tokens "
+                     "(training tokenizes it as text by default: <code>special_tokens_in_content</code>): "
+                     f"{e(', '.join(spelled['rows'][:SHOWN]))}</p>")
     near_empty = r["near_empty_responses"]
     parts.append(f"<h3>Near-empty responses (&lt; {near_empty['min_words']} words): {near_empty['count']}</h3>")
     if near_empty["rows"]:
@@ -305,6 +310,8 @@ def summary_lines(r: dict) -> list[list]:
             lines.append([f"{key.replace('_', ' ')} p50 / p90 / max", f"{p['p50']} / {p['p90']} / {p['max']}"])
     if "over_max_length" in lengths:
         lines.append([f"rows over {lengths['over_max_length']['max_length']} tokens", lengths["over_max_length"]["count"]])
+    if "special_token_text" in lengths:
+        lines.append(["rows whose text spells a control token", lengths["special_token_text"]["count"]])
     lines.append([f"near-empty responses (< {r['near_empty_responses']['min_words']} words)", r["near_empty_responses"]["count"]])
     ex, near, sim = r["exact_duplicates"], r["near_duplicates"], r["similar_instructions"]
     lines.append(["exact duplicates (normalised text): clusters / removable", f"{ex['clusters']} / {ex['removable']}"])

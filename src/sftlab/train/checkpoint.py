@@ -47,6 +47,7 @@ def run_info(config: RunConfig, tokenizer) -> dict:
         "train_on": config.train_on,
         "train_reasoning": config.train_reasoning,
         "train_empty_think": config.train_empty_think,
+        "special_tokens_in_content": config.special_tokens_in_content,
         "base_model": config.model,
         "method": config.method,
         "max_length": config.max_length,
