@@ -340,7 +340,7 @@ def _evil_train(client, runs, tiny_model_dir, **request) -> int:
                            "max_steps": 1, "output_dir": str(runs / "evil")})
     response = client.post("/api/train", **{"json": {"name": "evil", "yaml": text}, **request})
     assert not (runs / "evil").exists() and not (runs / "evil.yaml").exists()  # nothing started, nothing written
-    assert not client.app.state.ui.jobs.children
+    assert (runs / "evil").resolve() not in client.app.state.ui.jobs.children  # no process started
     return response
 
 
