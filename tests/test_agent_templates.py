@@ -416,7 +416,7 @@ def test_inspect_shows_the_rows_of_one_kind_with_every_view(tiny_model_dir, tmp_
 
     from sftlab.cli import app
 
-    args = ["inspect", str(ROOT / "examples" / "agent.yaml"), "--set", f"model={tiny_model_dir}", "--set",
+    args = ["inspect", str(ROOT / "examples" / "agent-formats.yaml"), "--set", f"model={tiny_model_dir}", "--set",
             f"template={QWEN3}", "--set", f"output_dir={tmp_path}", "--set", "cache=false"]
     result = CliRunner().invoke(app, [*args, "--kind", "parallel_tool_calls", "-n", "1"], terminal_width=200)
     assert result.exit_code == 0, result.output

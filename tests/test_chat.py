@@ -76,10 +76,10 @@ def test_the_session_streams_renders_and_refuses_what_does_not_fit(inference):
     assert session.prompt("Hi") == get_template("alpaca", inference.tokenizer).render_prompt(
         Conversation((Message("system", "Be kind."), Message("user", "Hi"))))
     deltas = list(session.send("Hi"))
-    assert len(deltas) > 1 and "".join(deltas).rstrip() == session.history[-1][1]
+    assert len(deltas) > 1 and "".join(deltas).rstrip() == session.history[-1].content
     assert session.last_finish_reason == "length"
     assert session.messages() == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
-                                  {"role": "assistant", "content": session.history[-1][1]}]
+                                  {"role": "assistant", "content": session.history[-1].content}]
     with pytest.raises(ChatError, match="context"):
         list(session.send("word " * 600))
     assert len(session.messages()) == 3  # the turn that did not fit is not kept

@@ -200,7 +200,7 @@ def inspect_cmd(
     """Show training examples with the trained tokens highlighted (terminal + HTML), or dropped rows.
 
     Example: sftlab inspect examples/demo.yaml -n 3   |   sftlab inspect run.yaml --where dropped:unknown_role
-    |   sftlab inspect examples/agent.yaml --kind tool_calls -n 2
+    |   sftlab inspect examples/agent-formats.yaml --kind tool_calls -n 2
     """
     from sftlab.api import prepare
     from sftlab.data.inspect import to_rich, write_html

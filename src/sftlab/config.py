@@ -135,6 +135,10 @@ class RunConfig(_Strict):
         "text", description="text in messages that spells a control token (<|im_end|>, ...): 'text' tokenizes it as "
         "text, 'allow' as the control token, 'drop_row' drops the row; the data report counts such rows"
     )
+    tool_parser: Literal["auto", "hermes", "mistral", "llama3", "none"] = Field(
+        "auto", description="how serve, chat and eval read tool calls back from the model's output; auto = from the "
+        "template (chatml and <tool_call> templates: hermes, [TOOL_CALLS]: mistral, Llama-3 JSON: llama3)"
+    )
     train_reasoning: bool = Field(
         True, description="train the reasoning of trained assistant turns; false keeps it in the text as masked context"
     )

@@ -603,3 +603,13 @@ def conversation_kinds(conversation: Conversation) -> set[str]:
         if m.role == "assistant" and not m.trained:
             kinds.add("untrained_turns")
     return kinds
+
+
+def parse_message(turn: Any, where: str) -> list[Message]:
+    """One OpenAI chat message (a request's, or a data row's) -> Messages; DataError when malformed."""
+    return _message(turn, where, "role", "content")
+
+
+def parse_tools(value: Any, where: str = "request") -> tuple:
+    """An OpenAI `tools` list (or legacy `functions`) -> typed function schemas; DataError when malformed."""
+    return _tools(RawRow({"tools": value}, where), FormatOptions())

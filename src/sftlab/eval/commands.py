@@ -24,6 +24,7 @@ def eval_cmd(
     lm_eval_limit: Optional[int] = option(S, "lm_eval_limit", "--lm-eval-limit"),
     lm_eval_fewshot: Optional[int] = option(S, "lm_eval_fewshot", "--lm-eval-fewshot"),
     lm_eval_base: bool = option(S, "lm_eval_base", "--lm-eval-base/--no-lm-eval-base"),
+    tool_calls: Optional[Path] = option(S, "tool_calls", "--tool-calls"),
     output: Optional[Path] = option(S, "output", "-o", "--output"),
     limit: int = option(S, "limit", "--limit", help="suite prompts to run (0 = skip instruction following)"),
     full_suite: bool = typer.Option(False, "--full-suite", help="run every suite prompt (overrides --limit)"),
@@ -46,6 +47,7 @@ def eval_cmd(
     Writes RUN_DIR/eval/eval_report.json and eval_report.html (training curves, tables, answers).
 
     Example: sftlab eval runs/demo --limit 60 --lm-eval sftlab_mini_qa
+    |   sftlab eval runs/agent --tool-calls examples/data/agent_eval.jsonl --limit 0
     """
     from sftlab.eval.report import print_summary
     from sftlab.eval.runner import run_eval

@@ -124,6 +124,22 @@ def if_type_rows(report: dict) -> list[list]:
     return rows
 
 
+TOOL_METRICS = (("tool-call accuracy (all rows)", "tool_call_accuracy"), ("right function", "function_accuracy"),
+                ("right function and arguments", "arguments_accuracy"), ("calls that parse", "valid_call_rate"),
+                ("no call when none was needed", "no_call_accuracy"))
+
+
+def tool_rows(report: dict) -> list[list]:
+    t = report.get("tool_calls")
+    if not t:
+        return []
+    rows = []
+    for label, key in TOOL_METRICS:
+        base, tuned = t["base"].get(key), t["tuned"].get(key)
+        rows.append([label, _pct(base), _pct(tuned), _points(tuned - base) if None not in (base, tuned) else ""])
+    return rows
+
+
 def forgetting_rows(report: dict) -> list[list]:
     f = report.get("forgetting") or {}
     rows = []
@@ -253,6 +269,22 @@ def render_html(report: dict) -> str:
     else:
         parts.append("<p>skipped</p>")
 
+    t = report.get("tool_calls")
+    if t:
+        parts.append("<h2>Tool calling</h2>")
+        parts.append(f"<p class='muted'>{t['tuned']['rows']} held-out rows from {_e(t['file'])} "
+                     f"({t['tuned']['call_rows']} expect a call, {t['tuned']['no_call_rows']} none); each scored on its "
+                     f"last assistant turn given the conversation before it; calls read as {_e(t['parser'])}</p>")
+        parts.append(_table(["", "base", "tuned", "change"], tool_rows(report)))
+        samples = []
+        for b, u in list(zip(t["base"]["responses"], t["tuned"]["responses"]))[:12]:
+            samples.append(f"<tr><td class='pre'>{_e(u['source'])}<div class='muted'>expected: "
+                           f"{_e(json.dumps(u['expected'], ensure_ascii=False))}</div></td>"
+                           f"<td class='pre'>{_e(b['reply'])}<div class='muted'>{'✓' if b['correct'] else '✗'}</div></td>"
+                           f"<td class='pre'>{_e(u['reply'])}<div class='muted'>{'✓' if u['correct'] else '✗'}</div></td></tr>")
+        parts.append("<details><summary>first replies</summary><table class='sbs'><thead><tr><th>row</th><th>base</th>"
+                     "<th>tuned</th></tr></thead><tbody>" + "".join(samples) + "</tbody></table></details>")
+
     if report.get("lm_eval"):
         parts.append("<h2>lm-evaluation-harness</h2>")
         parts.append(_table(["task", "metric", "base", "tuned", "change"], lm_eval_rows(report)))
@@ -285,6 +317,8 @@ def print_summary(report: dict, console: Console | None = None) -> None:
         table.add_row(f"held-out {row[0]}", *map(str, row[1:]))
     for row in if_rows(report):
         table.add_row(f"IF {row[0]}", *map(str, row[1:]))
+    for row in tool_rows(report):
+        table.add_row(f"tools: {row[0]}", *map(str, row[1:]))
     g = report.get("forgetting") or {}
     if "tuned" in g:
         table.add_row("general-text perplexity", _num(g["base"]["perplexity"], 3), _num(g["tuned"]["perplexity"], 3),

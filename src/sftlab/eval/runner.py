@@ -155,6 +155,7 @@ class _Models:
     memo: BaseMemo
     template_kwargs: dict = field(default_factory=dict)  # the run's template_kwargs
     special_tokens: str = "text"  # the run's special_tokens_in_content
+    tool_parser: str = "none"  # how the run's template writes tool calls (sftlab.infer.tools)
 
     def generators(self):
         from sftlab.infer.generate import Generator
@@ -203,7 +204,8 @@ def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console:
         models = _Models(tuned, tokenizer, base_model, base_tokenizer, device, template,
                          measures.same_vocabulary(tokenizer, base_tokenizer),
                          BaseMemo.for_base(base_name, template, device, s.cache, console, template_kwargs),
-                         template_kwargs, info.get("special_tokens_in_content", "allow"))
+                         template_kwargs, info.get("special_tokens_in_content", "allow"),
+                         _tool_parser(info, template, tokenizer))
         timings["load"] = _lap(t)
         report: dict = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -229,6 +231,11 @@ def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console:
         t = time.perf_counter()
         report["side_by_side"] = _side_by_side(generators, config, examples, rows, s, console, models.memo)
         timings["side_by_side"] = _lap(t)
+        report["tool_calls"] = None
+        if s.tool_calls:
+            t = time.perf_counter()
+            report["tool_calls"] = _tool_calls(generators, models, s, console)
+            timings["tool_calls"] = _lap(t)
         report["lm_eval"] = None
         if s.lm_eval:
             t = time.perf_counter()
@@ -240,6 +247,31 @@ def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console:
         json_path, html_path = write_report(report, s.output or run_path / "eval", run_path)
         report["files"] = {"json": str(json_path), "html": str(html_path)}
         return report
+
+
+def _tool_parser(info: dict, template: str, tokenizer) -> str:
+    from sftlab.data.templates import TemplateError, run_template
+    from sftlab.infer.tools import choose_parser
+
+    if info.get("tool_parser") not in (None, "auto"):
+        return info["tool_parser"]
+    try:
+        return choose_parser(run_template(info, tokenizer, template))
+    except TemplateError:
+        return "none"
+
+
+def _tool_calls(generators: dict, models: _Models, s: EvalSettings, console) -> dict:
+    """Both models call tools on the held-out agent rows (sftlab.eval.toolcalls)."""
+    from sftlab.eval import toolcalls
+
+    rows = toolcalls.load_rows(s.tool_calls)
+    _say(console, f"tool calling: {len(rows)} rows x 2 models ({models.tool_parser} calls), up to "
+                  f"{s.max_new_tokens} new tokens")
+    result: dict = {"file": str(s.tool_calls), "parser": models.tool_parser}
+    for name in ("tuned", "base"):
+        result[name] = toolcalls.evaluate(generators[name], rows, models.tool_parser, s.max_new_tokens, s.batch_size)
+    return result
 
 
 def _lap(since: float) -> float:

@@ -27,6 +27,8 @@ class EvalSettings(Settings):
     lm_eval_limit: int | float | None = Field(None, gt=0, description="examples per lm-eval task (default: all)")
     lm_eval_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: the task's)")
     lm_eval_base: bool = Field(True, description="also run the lm-eval tasks on the base model")
+    tool_calls: Path | None = Field(None, description="held-out agent rows (.jsonl, OpenAI format with tools): tool "
+                                                      "calling scored on each row's last assistant turn")
     output: Path | None = Field(None, description="report folder; default RUN_DIR/eval")
     limit: int | None = Field(60, description="suite prompts to run (0 = skip instruction following; None = all)")
     max_new_tokens: int = Field(128, ge=1, description="longest generated response")

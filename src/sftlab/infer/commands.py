@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -98,22 +99,30 @@ def chat_cmd(
     seed: Optional[int] = typer.Option(None, help="sampling seed"),
     template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    tools: Optional[Path] = typer.Option(None, help="a JSON file with an OpenAI `tools` list to offer the model; "
+                                                    "each call it makes asks you for the tool's result"),
+    show_reasoning: bool = typer.Option(True, "--show-reasoning/--hide-reasoning",
+                                        help="show the model's reasoning (<think>) apart from its answer"),
 ) -> None:
     """Chat with a run in the terminal, tokens streamed, in the template it trained with.
 
     Commands: /reset, /system TEXT, /save FILE (OpenAI messages JSON), /help, /exit.
 
-    Reads lines from stdin when it is not a terminal, so a conversation can be piped in.
+    Reads lines from stdin when it is not a terminal, so a conversation can be piped in. With
+    --tools, a reply that calls tools lists the calls and asks for each result (`tool NAME>`),
+    then the model continues.
 
-    Example: sftlab chat runs/demo --system "Answer in one sentence."
+    Example: sftlab chat runs/agent --tools examples/data/agent_tools.json
     """
     from sftlab.infer.chat import ChatSession, run_chat
     from sftlab.terminal import fail
 
     _set_threads(threads)
+    offered = _read_tools(tools) if tools is not None else ()
     try:
         session = ChatSession.load(model, template, system=system, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p, seed=seed)
+                                   temperature=temperature, top_p=top_p, seed=seed, tools=offered,
+                                   show_reasoning=show_reasoning)
     except SftlabError:
         raise  # its own clean message (the command is guarded)
     except _load_errors() as exc:
@@ -135,3 +144,21 @@ def _env_key() -> str | None:
     from sftlab.infer.server import API_KEY_ENV
 
     return os.environ.get(API_KEY_ENV) or None
+
+
+def _read_tools(path: Path) -> tuple:
+    """An OpenAI `tools` list (or {"tools": [...]}) from a JSON file, checked like a request's."""
+    import json
+
+    from sftlab.data.formats import parse_tools
+    from sftlab.data.readers import DataError
+    from sftlab.terminal import fail
+
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        fail(f"--tools {path}: cannot read a JSON tools list: {exc}")
+    try:
+        return parse_tools(value.get("tools") if isinstance(value, dict) else value, str(path))
+    except DataError as exc:
+        fail(f"--tools {path}: {exc}")

@@ -17,6 +17,7 @@ it would see alone; a test checks that batched greedy answers equal the one-at-a
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import queue
 import threading
@@ -38,7 +39,7 @@ MIN_TEMPERATURE = 1e-5  # below this, logits / temperature overflows: such a req
 # prompts
 
 
-def render_chat_prompt(template, messages: list[tuple[str, str]] | list[Message]) -> str:
+def render_chat_prompt(template, messages: list[tuple[str, str]] | list[Message], tools=()) -> str:
     """The prompt text for a chat: the template's render_prompt over the whole conversation so far.
 
     The conversation gets an empty assistant turn appended, the response the model is about to
@@ -47,7 +48,7 @@ def render_chat_prompt(template, messages: list[tuple[str, str]] | list[Message]
     Raises the template's TemplateError when it cannot render the messages.
     """
     items = [m if isinstance(m, Message) else Message(m[0], m[1]) for m in messages]
-    return template.render_prompt(Conversation(tuple(items) + (Message("assistant", ""),)))
+    return template.render_prompt(Conversation(tuple(items) + (Message("assistant", ""),), tools=tuple(tools)))
 
 
 def template_errors() -> tuple[type[BaseException], ...]:
@@ -168,16 +169,23 @@ class TextStream:
     until it is known not to be one. After `stopped` the text is final: cut before the stop.
     """
 
-    def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = (), keep: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.text = ""  # emitted so far
         self.stopped = False
         self._full = ""
+        # special tokens kept in the text (a tool-call marker such as Mistral's [TOOL_CALLS]); the others are skipped
+        self._drop = [t for t in getattr(tokenizer, "all_special_tokens", []) if t not in keep] if keep else None
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if self._drop is None:
+            return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for token in self._drop:
+            text = text.replace(token, "")
+        return text
 
     def push(self, token_id: int) -> str:
         if self.stopped:
@@ -325,7 +333,7 @@ class BatchEngine:
             request.cancel()
 
     def generate_all(self, prompts: list[list[int]], params: list[SamplingParams], tokenizer,
-                     stop: list[str] | tuple[str, ...] = ()) -> list[Generated]:
+                     stop: list[str] | tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> list[Generated]:
         """Every prompt's completion, decoded (special tokens skipped, cut before a stop string);
         blocks until all are done. The engine decodes them max_batch_size rows at a time, and a
         row leaves the batch as soon as it ends. What `generate`, `eval` and the local
@@ -355,7 +363,7 @@ class BatchEngine:
 
         requests = [GenerationRequest(list(ids), p, lambda event: None) for ids, p in zip(prompts, params)]
         for index, request in enumerate(requests):
-            request.emit = collector(index, TextStream(tokenizer, stop))
+            request.emit = collector(index, TextStream(tokenizer, stop, keep))
         if any(not r.prompt_ids for r in requests):
             raise ValueError("the prompt is empty")
         with self._lock:
@@ -637,6 +645,25 @@ class InferenceModel:
     stop_strings: list[str]
     run_info: dict
     source: str
+    tool_parser: str = "none"  # how the model writes tool calls (sftlab.infer.tools): the run's, or the template's
+    _templates: dict = field(default_factory=dict, repr=False)
+
+    def template_for(self, kwargs: dict | None):
+        """The run's template with these chat_template_kwargs over the run's own (one per setting, kept)."""
+        if not kwargs:
+            return self.template
+        from sftlab.data.templates import TemplateError, run_template
+
+        if self.template_name in ("alpaca", "chatml"):
+            raise TemplateError(f"chat_template_kwargs ({', '.join(kwargs)}): the built-in '{self.template_name}' "
+                                "template reads none")
+
+        merged = {**(self.run_info.get("template_kwargs") or {}), **kwargs}
+        key = json.dumps(merged, sort_keys=True, default=str)
+        if key not in self._templates:
+            self._templates[key] = run_template({**self.run_info, "template_kwargs": merged}, self.tokenizer,
+                                                self.template_name)
+        return self._templates[key]
 
     @classmethod
     def load(
@@ -665,10 +692,14 @@ class InferenceModel:
         context = context_length(model, tokenizer)
         engine = BatchEngine.for_tokenizer(model, tokenizer, ids, max_batch_size=max_batch_size,
                                            batch_window_ms=batch_window_ms, context=context)
-        return cls(model, tokenizer, template, template_name, engine, context, strings, run_info or {}, source)
+        from sftlab.infer.tools import choose_parser
 
-    def chat_prompt(self, messages) -> str:
-        return render_chat_prompt(self.template, messages)
+        info = run_info or {}
+        parser = info.get("tool_parser") if info.get("tool_parser") not in (None, "auto") else choose_parser(template)
+        return cls(model, tokenizer, template, template_name, engine, context, strings, info, source, parser)
+
+    def chat_prompt(self, messages, tools=(), template=None) -> str:
+        return render_chat_prompt(template or self.template, messages, tools)
 
     def encode(self, text: str) -> list[int]:
         """Prompt text -> ids, tokenized as training tokenized it (special tokens added the same way;

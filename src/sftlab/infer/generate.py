@@ -33,10 +33,30 @@ class Generator:
         return cls(model, tokenizer, template or info.get("template", "alpaca"), kwargs,
                    info.get("special_tokens_in_content", "allow" if info else "text"))
 
+    def template(self):
+        """The run's template, as training rendered with it (kwargs and special-token mode included)."""
+        return get_template(self.template_name, self.tokenizer, self.template_kwargs or None, self.special_tokens)
+
     def prompt_text(self, instruction: str, input: str = "") -> str:
         messages = [Message("user", instruction)] + ([Message("input", input)] if input.strip() else [])
-        template = get_template(self.template_name, self.tokenizer, self.template_kwargs or None, self.special_tokens)
-        return template.render_prompt(Conversation(tuple(messages)))
+        return self.template().render_prompt(Conversation(tuple(messages)))
+
+    def complete(self, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8,
+                 keep: tuple[str, ...] = ()) -> list[str]:
+        """Greedy continuations of prompt texts (rendered by `template()`), special tokens skipped
+        but those in `keep` (a tool parser's markers); the text as generated, unstripped."""
+        inference = InferenceModel.from_model(self.model, self.tokenizer, self.template_name,
+                                              {"template_kwargs": self.template_kwargs,
+                                               "special_tokens_in_content": self.special_tokens},
+                                              max_batch_size=batch_size, batch_window_ms=0.0)
+        ids = [inference.encode(p) for p in prompts]
+        params = [SamplingParams(max_tokens=max_new_tokens) for _ in ids]
+        with inference.engine:
+            done = inference.engine.generate_all(ids, params, self.tokenizer, inference.stop_strings, keep)
+        failed = next((d.error for d in done if d.error), None)
+        if failed:
+            raise RuntimeError(f"generation failed: {failed}")
+        return [d.text for d in done]
 
     def generate(
         self,
@@ -68,3 +88,4 @@ class Generator:
 def generate(model_or_run: str, instruction: str, input: str = "", template: str | None = None, **kwargs) -> str:
     """One response; see Generator.generate for the options."""
     return Generator.load(model_or_run, template).generate([(instruction, input)], **kwargs)[0]
+

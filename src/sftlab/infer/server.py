@@ -36,6 +36,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -43,6 +44,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sftlab.data.formats import Conversation, Message, parse_message, parse_tools
+from sftlab.data.readers import DataError
 from sftlab.errors import SftlabError
 from sftlab.http_guard import (MAX_JSON_DEPTH, MAX_REQUEST_MB, READ_TIMEOUT_S, Guard, GuardError, parse_json,
                                read_body)
@@ -167,44 +170,61 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return _boolean(options, "include_usage")
 
 
-def _message_text(content: Any, index: int) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"messages[{index}].content: only text parts are supported",
-                               param=f"messages[{index}].content", code="invalid_value")
-            parts.append(part["text"])
-        return "\n".join(parts)
-    raise APIError(400, f"messages[{index}].content must be a string or a list of text parts",
-                   param=f"messages[{index}].content", code="invalid_type")
-
-
-def parse_messages(value: Any) -> list[tuple[str, str]]:
-    """OpenAI chat messages -> [(role, content)] with roles system | user | assistant."""
+def parse_messages(value: Any) -> list[Message]:
+    """OpenAI chat messages -> Messages, read as training reads them (tool calls with their
+    arguments as objects, tool results, reasoning_content, text parts joined): the same text at
+    every stage. A malformed message is a 400 that names it."""
     if not isinstance(value, list) or not value:
         raise APIError(400, "'messages' must be a non-empty list of messages", param="messages",
                        code="invalid_type" if not isinstance(value, list) else "empty_array")
-    messages = []
+    messages: list[Message] = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]",
-                           code="invalid_type")
-        role = message.get("role")
-        if role == "developer":
-            role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role {role!r} is not supported; use system, user or assistant",
-                           param=f"messages[{i}].role", code="invalid_value")
-        if message.get("tool_calls") or message.get("function_call"):
-            raise APIError(400, "tool calls are not supported by sftlab serve", param=f"messages[{i}]",
-                           code="unsupported_parameter")
-        messages.append((role, _message_text(message.get("content"), i)))
+        try:
+            messages += parse_message(message, f"messages[{i}]")
+        except DataError as exc:
+            raise APIError(400, str(exc), param=f"messages[{i}]", code="invalid_value") from None
     return messages
+
+
+def _tool_settings(body: dict) -> tuple[tuple, Any, bool]:
+    """(tools, tool_choice, parallel_tool_calls) of a chat request, checked."""
+    raw = body.get("tools") if body.get("tools") is not None else body.get("functions")
+    try:
+        tools = parse_tools(raw, "tools") if raw not in (None, []) else ()
+    except DataError as exc:
+        raise APIError(400, str(exc).replace("tools: ", "", 1), param="tools", code="invalid_value") from None
+    choice = body.get("tool_choice", body.get("function_call"))
+    if choice is None:
+        choice = "auto" if tools else "none"
+    names = {t["function"]["name"] for t in tools}
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
+        if not isinstance(name, str):
+            raise APIError(400, "'tool_choice' as an object is {'type': 'function', 'function': {'name': ...}}",
+                           param="tool_choice", code="invalid_value")
+        if name not in names:
+            raise APIError(400, f"'tool_choice' names {name!r}, which is not among the tools given", param="tool_choice",
+                           code="invalid_value")
+    elif choice not in ("auto", "none", "required"):
+        raise APIError(400, "'tool_choice' must be auto, none, required or a named function", param="tool_choice",
+                       code="invalid_value")
+    elif choice == "required" and not tools:
+        raise APIError(400, "'tool_choice' is required but no tools are given", param="tool_choice", code="invalid_value")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise APIError(400, "'parallel_tool_calls' must be a boolean", param="parallel_tool_calls", code="invalid_type")
+    return tools, choice, parallel is not False
+
+
+@dataclass
+class _ChatPrompt:
+    """A chat request rendered: the prompt text and how its reply is read back."""
+
+    prompt: str
+    parser: object  # sftlab.infer.tools parser
+    names: set[str] | None  # the functions offered
+    prefix: str = ""  # a forced call's opening, written after the generation prompt (tool_choice)
+    parallel: bool = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +233,10 @@ def parse_messages(value: Any) -> list[tuple[str, str]]:
 
 class _Job:
     def __init__(self, inference: InferenceModel, prompts: list[list[int]], params: list[SamplingParams],
-                 stop: list[str]):
+                 stop: list[str], keep: tuple[str, ...] = ()):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.streams = [TextStream(inference.tokenizer, stop + inference.stop_strings) for _ in prompts]
+        self.streams = [TextStream(inference.tokenizer, stop + inference.stop_strings, keep) for _ in prompts]
         self.completion_tokens = [0] * len(prompts)
         self.finish_reasons: list[str | None] = [None] * len(prompts)
         self.requests = [
@@ -355,13 +375,39 @@ class _Service:
         return [SamplingParams(seed=None if seed is None else (seed + j) % SEED_SPACE, **base) for j in range(n)], n
 
     def render(self, body: dict) -> str:
-        """A chat request's messages in the served model's template."""
+        """A chat request's prompt text in the served model's template."""
+        return self.chat(body).prompt
+
+    def chat(self, body: dict) -> _ChatPrompt:
+        """A chat request's messages, tools and settings in the served model's template, as training
+        rendered them: the prompt, and how to read the reply's tool calls back."""
+        from sftlab.infer.tools import forced_prefix, parser_for
+
         messages = parse_messages(body.get("messages"))
+        tools, choice, parallel = _tool_settings(body)
+        kwargs = body.get("chat_template_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs",
+                           code="invalid_type")
         try:
-            return self.inference.chat_prompt(messages)
+            template = self.inference.template_for(kwargs)
+        except SftlabError as exc:
+            raise APIError(400, str(exc), param="chat_template_kwargs", code="invalid_value") from None
+        offered = tools if choice != "none" else ()
+        try:
+            template.check_shows(Conversation(tuple(messages), "the request", tools=offered))
+            prompt = self.inference.chat_prompt(messages, offered, template)
+        except DataError as exc:
+            message = str(exc).replace("the request: the row has", "the request has")
+            raise APIError(400, message, param="tools" if "tools" in message else "messages",
+                           code="invalid_messages") from None
         except template_errors() as exc:
             raise APIError(400, f"the {self.inference.template_name} template cannot format these messages: {exc}",
                            param="messages", code="invalid_messages") from None
+        parser_name = self.inference.tool_parser if offered else "none"
+        prefix = forced_prefix(parser_name, choice) if choice == "required" or isinstance(choice, dict) else ""
+        return _ChatPrompt(prompt + prefix, parser_for(parser_name), {t["function"]["name"] for t in offered} or None,
+                           prefix, parallel)
 
     def completion_prompts(self, body: dict) -> list[list[int]]:
         """A completion request's prompts as token ids: a string, strings, ids, or lists of ids."""
@@ -490,10 +536,7 @@ async def render_route(request: Request):
 
 
 def _check_chat_options(body: dict) -> None:
-    _unsupported(body, "tools", "functions", "logprobs", "top_logprobs", "audio", "prediction")
-    if body.get("tool_choice") not in (None, "none"):
-        raise APIError(400, "'tool_choice' is not supported by sftlab serve", param="tool_choice",
-                       code="unsupported_parameter")
+    _unsupported(body, "logprobs", "top_logprobs", "audio", "prediction")
     response_format = body.get("response_format")
     if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
         raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
@@ -508,14 +551,20 @@ async def chat_completions(request: Request):
     stream = _boolean(body, "stream")
     include_usage = _stream_options(body, stream)
     stop = _stop(body)
-    prompt_ids = await asyncio.to_thread(lambda: svc.inference.encode(svc.render(body)))  # never on the event loop
+    chat = await asyncio.to_thread(svc.chat, body)  # rendering and tokenizing never run on the event loop
+    prompt_ids = await asyncio.to_thread(svc.inference.encode, chat.prompt)
     params, n = svc.sampling(body, len(prompt_ids), None, chat=True)
-    job = _Job(svc.inference, [prompt_ids] * n, params, stop)
+    job = _Job(svc.inference, [prompt_ids] * n, params, stop, chat.parser.special_markers)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model, "system_fingerprint": None}
+    from sftlab.infer.tools import ReplyStream, parse_reply
+
     if not stream:
         texts = await _finished_texts(job, request)
-        choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None, "finish_reason": job.finish_reasons[i]} for i, text in enumerate(texts)]
+        replies = [parse_reply(text, chat.parser, chat.names, prefix=chat.prefix, parallel=chat.parallel)
+                   for text in texts]
+        choices = [{"index": i, "message": reply.message(), "logprobs": None,
+                    "finish_reason": "tool_calls" if reply.tool_calls else job.finish_reasons[i]}
+                   for i, reply in enumerate(replies)]
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt_ids), job)}
 
     def chunk(index: int, delta: dict, finish: str | None) -> str:
@@ -523,8 +572,19 @@ async def chat_completions(request: Request):
                 "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         return _sse({**data, "usage": None} if include_usage else data)
 
+    readers = [ReplyStream(chat.parser, chat.names, prefix=chat.prefix, parallel=chat.parallel) for _ in range(n)]
+    kinds = {"content": "content", "reasoning": "reasoning_content"}
+
     def chunks(index: int, delta: str, finish: str | None) -> list[str]:
-        return ([chunk(index, {"content": delta}, None)] if delta else []) + ([chunk(index, {}, finish)] if finish else [])
+        events = readers[index].push(delta) if delta else []
+        out = [chunk(index, {kinds[kind]: text}, None) for kind, text in events]
+        if finish:  # what was held back: the rest of the content, or the calls
+            last, reply = readers[index].finish()
+            out += [chunk(index, {kinds[kind]: text}, None) for kind, text in last]
+            out += [chunk(index, {"tool_calls": [{"index": j, **call.openai_dict()}]}, None)
+                    for j, call in enumerate(reply.tool_calls)]
+            out.append(chunk(index, {}, "tool_calls" if reply.tool_calls else finish))
+        return out
 
     closing = (lambda: {**head, "object": "chat.completion.chunk", "choices": [],
                         "usage": _usage(len(prompt_ids), job)}) if include_usage else None

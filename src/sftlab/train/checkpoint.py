@@ -48,6 +48,7 @@ def run_info(config: RunConfig, tokenizer) -> dict:
         "train_reasoning": config.train_reasoning,
         "train_empty_think": config.train_empty_think,
         "special_tokens_in_content": config.special_tokens_in_content,
+        "tool_parser": config.tool_parser,
         "base_model": config.model,
         "method": config.method,
         "max_length": config.max_length,
@@ -88,6 +89,14 @@ def save_run_files(tokenizer, config: RunConfig, folder: Path) -> None:
     """sftlab.json beside a model (and a custom template, which travels with it)."""
     folder.mkdir(parents=True, exist_ok=True)
     info = run_info(config, tokenizer)
+    if config.tool_parser == "auto" and hasattr(tokenizer, "convert_tokens_to_ids"):  # the resolved parser is recorded
+        from sftlab.data.templates import TemplateError, get_template
+        from sftlab.infer.tools import choose_parser
+
+        try:
+            info["tool_parser"] = choose_parser(get_template(config.template, tokenizer, config.template_kwargs or None))
+        except TemplateError:
+            pass
     template_file = Path(config.template)
     if config.template.endswith((".jinja", ".j2")) and template_file.is_file():
         # a custom template travels with the model, so inference renders exactly what training did

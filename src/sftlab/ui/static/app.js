@@ -291,6 +291,9 @@ function evalHtml(name, r) {
   if (h) stats.push(`<div class="stat" data-stat="heldout"><b>${fmt(h.base?.loss)} → ${fmt(h.tuned.loss)} ${change(h.base?.loss, h.tuned.loss, true)}</b><span>held-out response loss (base → tuned, ${h.rows} rows)</span></div>`);
   if (i) stats.push(`<div class="stat" data-stat="if"><b>${pct(i.base?.prompt_strict)} → ${pct(i.tuned.prompt_strict)} ${change(i.base?.prompt_strict, i.tuned.prompt_strict, false)}</b><span>instruction following, prompt-level strict (${i.prompts} prompts)</span></div>`,
     `<div class="stat"><b>${pct(i.base?.instruction_strict)} → ${pct(i.tuned.instruction_strict)} ${change(i.base?.instruction_strict, i.tuned.instruction_strict, false)}</b><span>instruction-level strict</span></div>`);
+  const t = r.tool_calls;
+  if (t) stats.push(`<div class="stat" data-stat="tool-calls"><b>${pct(t.base?.tool_call_accuracy)} → ${pct(t.tuned.tool_call_accuracy)} ${change(t.base?.tool_call_accuracy, t.tuned.tool_call_accuracy, false)}</b><span>tool-call accuracy: right function and arguments (${t.tuned.rows} held-out rows)</span></div>`,
+    `<div class="stat"><b>${pct(t.base?.function_accuracy)} → ${pct(t.tuned.function_accuracy)}</b><span>right function (${t.tuned.call_rows} rows that call)</span></div>`);
   if (f) stats.push(`<div class="stat" data-stat="forgetting"><b class="${f.flagged ? "bad" : "good"}">${f.relative_change >= 0 ? "+" : ""}${(100 * f.relative_change).toFixed(1)}%</b><span>general-text perplexity change (${f.flagged ? "over" : "within"} the ${(100 * f.threshold).toFixed(0)}% forgetting threshold)</span></div>`);
   const types = i ? Object.keys({ ...(i.base?.per_instruction || {}), ...i.tuned.per_instruction }).sort() : [];
   return `<div class="card eval-report" data-run="${esc(name)}"><h3 style="margin-top:0">${esc(name)} <span class="dim">· ${esc(r.tuned?.method)} · base ${esc(r.base?.name)} · ${esc(r.created)}</span></h3>
