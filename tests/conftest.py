@@ -90,3 +90,14 @@ def family_model_dir(tmp_path_factory, smollm2_dir) -> Path:
 @pytest.fixture(scope="session")
 def family_tokenizer(family_model_dir):
     return load_tokenizer(str(family_model_dir))
+
+
+def pytest_configure(config):
+    """The tests that assert exact equalities (loss = reference, accumulation = one batch, N ranks =
+    1 rank, bit-exact resume) run in fp32: the config's default precision is pinned to fp32 in this
+    process; the tests that start `sftlab train` as a command pin it in their configs. Tests of
+    mixed precision set `precision: bf16` themselves."""
+    from sftlab.config import RunConfig
+
+    RunConfig.model_fields["precision"].default = "fp32"
+    RunConfig.model_rebuild(force=True)

@@ -167,7 +167,7 @@ def test_auto_budget_bounds_the_memory_of_a_big_micro_batch(tmp_path, tokenizer)
     data = tmp_path / "rows.json"
     data.write_text(json.dumps(rows))
     common = [f"model={model_dir}", f"data={data}", "max_length=256", "batch_size=48", "max_steps=1",
-              "cache=false", "loss_chunk_size=256", "gradient_checkpointing=false"]
+              "cache=false", "loss_chunk_size=256", "gradient_checkpointing=false", "precision=fp32"]
     auto_peak, auto = _peak_of_training(common + [f"output_dir={tmp_path / 'auto'}"])
     whole_peak, _ = _peak_of_training(common + [f"output_dir={tmp_path / 'whole'}", "micro_batch_tokens=1000000"])
     loaded = auto["memory"]["phases"]["load model"]["peak_mb"]

@@ -45,7 +45,8 @@ def make_run_dir(tokenizer, folder: Path) -> Path:
     final = folder / "final"
     LlamaForCausalLM(config).save_pretrained(final)
     tokenizer.save_pretrained(final)
-    (final / "sftlab.json").write_text(json.dumps({"template": "alpaca", "base_model": "tiny", "method": "full"}))
+    (final / "sftlab.json").write_text(json.dumps({"template": "alpaca", "base_model": "tiny", "method": "full",
+                                                  "precision": "fp32"}))  # batched = alone holds exactly in fp32
     return folder
 
 

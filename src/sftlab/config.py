@@ -160,6 +160,11 @@ class RunConfig(_Strict):
         "raise", description="malformed rows: 'raise' stops with the location, 'skip' drops and counts them"
     )
     method: Literal["full", "lora"] = Field("full", description="full fine-tune or LoRA adapters (peft)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="compute precision: bf16/fp16 mixed precision (fp32 master weights, fp32 loss), fp32; "
+        "auto = bf16 where the hardware multiplies it natively (CUDA with bf16, a CPU with AMX or AVX512-BF16), "
+        "else fp32"
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (method: lora)")
     learning_rate: float | None = Field(
         None, gt=0, description="peak learning rate; default 2e-5 (full) or 2e-4 (lora)"

@@ -84,7 +84,8 @@ def export(run: str | Path, output: str | Path, dtype: str | None = None, gguf: 
     started = time.perf_counter()
     info = read_run_info(checkpoint)
     say(f"loading {checkpoint} ({info.get('method', 'full')}{', merging the adapter' if info.get('method') == 'lora' else ''})")
-    model, tokenizer, _ = load_for_inference(str(checkpoint), torch.device("cpu"))
+    # fp32 whatever the run computed in: a LoRA adapter merges into the full-precision base
+    model, tokenizer, _ = load_for_inference(str(checkpoint), torch.device("cpu"), precision="fp32")
     template = run_template(info, tokenizer)
     dtype = dtype or _base_dtype(info, model)
     model = model.to(DTYPES[dtype])

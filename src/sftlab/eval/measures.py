@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sftlab import precision
 from sftlab.data.tokenize import IGNORE_INDEX, Example
 from sftlab.eval.errors import EvalError
 
@@ -256,7 +257,7 @@ def mean_kl(base, tuned, batches: list[dict[str, torch.Tensor]], device: torch.d
             batch = {k: v.to(device) for k, v in batch.items()}
             every = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
             all_positions = {**batch, "labels": every}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with precision.autocast(device):
                 hidden_base, _ = trained_hidden_states(base, all_positions)
                 hidden_tuned, _ = trained_hidden_states(tuned, all_positions)
             selected = every[:, 1:] != IGNORE_INDEX

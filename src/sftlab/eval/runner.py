@@ -98,10 +98,12 @@ class BaseMemo:
 
     @classmethod
     def for_base(cls, base_name: str, template: str, device, enabled: bool, console: Console | None = None,
-                 template_kwargs: dict | None = None):
+                 template_kwargs: dict | None = None, dtype: str = ""):
         signature = _base_signature(base_name, template, device) if enabled else None
         if signature is not None and template_kwargs:
             signature.append(sorted(template_kwargs.items()))
+        if signature is not None and dtype:  # bf16 and fp32 generations differ
+            signature.append(dtype)
         return cls(signature, console)
 
     def get(self, what: str, args: list, compute):
@@ -198,12 +200,14 @@ def run_eval(run_dir: str | Path, settings: EvalSettings | None = None, console:
         tuned, tokenizer, info = load_for_inference(str(checkpoint), device)
         base_name = s.base or info.get("base_model") or config.model
         _say(console, f"loading the base model {base_name}")
-        base_model, base_tokenizer, _ = load_for_inference(str(base_name), device)
+        # the base computes in the tuned run's precision: the two are compared on equal terms
+        base_model, base_tokenizer, _ = load_for_inference(str(base_name), device, info.get("precision", "auto"))
         template = info.get("template", config.template)
         template_kwargs = dict(info.get("template_kwargs") or config.template_kwargs)
         models = _Models(tuned, tokenizer, base_model, base_tokenizer, device, template,
                          measures.same_vocabulary(tokenizer, base_tokenizer),
-                         BaseMemo.for_base(base_name, template, device, s.cache, console, template_kwargs),
+                         BaseMemo.for_base(base_name, template, device, s.cache, console, template_kwargs,
+                                           str(next(base_model.parameters()).dtype)),
                          template_kwargs, info.get("special_tokens_in_content", "allow"),
                          _tool_parser(info, template, tokenizer))
         timings["load"] = _lap(t)

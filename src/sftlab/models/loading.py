@@ -66,20 +66,25 @@ def read_run_info(checkpoint: Path) -> dict:
     return info
 
 
-def load_for_inference(model_or_run: str, device: torch.device | None = None):
+def load_for_inference(model_or_run: str, device: torch.device | None = None, precision: str | None = None):
     """(model, tokenizer, run_info) for a run directory, a checkpoint folder or a plain model.
 
     run_info is {} for a plain model; for a run it holds the template it trained with, so
-    inference formats prompts exactly as training did. LoRA adapters are merged for speed.
+    inference formats prompts exactly as training did. LoRA adapters are merged for speed. The
+    weights are loaded in the compute dtype of `precision` (default: the run's `precision`, auto
+    for a plain model) on this device: bf16 where the hardware multiplies it natively.
     """
     from transformers import AutoTokenizer
 
+    from sftlab.precision import inference_dtype
+
     device = device or pick_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     checkpoint = find_checkpoint(model_or_run)
     if checkpoint is None:
+        dtype = inference_dtype(precision or "auto", device)
         return load_causal_lm(model_or_run, device, dtype).eval(), load_tokenizer(model_or_run), {}
     info = read_run_info(checkpoint)
+    dtype = inference_dtype(precision or info.get("precision", "auto"), device)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

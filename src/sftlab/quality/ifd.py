@@ -109,7 +109,9 @@ def _mean_losses(model, examples, pad_id, batch_size, device) -> list[tuple[floa
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in chosen], pad_id).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        from sftlab import precision
+
+        with precision.autocast(device):
             sums, counts = per_row_loss_sum(model, batch)
         for i, s, n in zip(chosen, sums.tolist(), counts.tolist()):
             out[i] = (s / n, int(n)) if n else None

@@ -51,6 +51,7 @@ def run_info(config: RunConfig, tokenizer) -> dict:
         "tool_parser": config.tool_parser,
         "base_model": config.model,
         "method": config.method,
+        "precision": config.precision,
         "max_length": config.max_length,
         "eos_token": tokenizer.eos_token,
     }
@@ -193,6 +194,10 @@ def save_checkpoint(module, optimizer, scheduler, step: int, config: RunConfig, 
             "config_hash": config_hash(config, world.size), "config": config_fingerprint(config, world.size), "sftlab_version": __version__,
             "progress": progress or {},
         }
+        from sftlab import precision
+
+        if precision.scaler() is not None:  # fp16's loss scale resumes where it was
+            trainer_state["grad_scaler"] = precision.scaler().state_dict()
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         tokenizer.save_pretrained(tmp)
         save_run_files(tokenizer, config, tmp)
@@ -275,6 +280,10 @@ def load_checkpoint(folder: Path, module, optimizer, scheduler, config: RunConfi
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
     trainer_state = json.loads((folder / TRAINER_STATE).read_text())
     scheduler.load_state_dict(trainer_state["scheduler"])
+    from sftlab import precision
+
+    if precision.scaler() is not None and trainer_state.get("grad_scaler"):
+        precision.scaler().load_state_dict(trainer_state["grad_scaler"])
     rng_file = folder / f"rng-{world.rank}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=False)

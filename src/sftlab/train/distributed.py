@@ -177,9 +177,14 @@ def wrap(loss_module: LossModule, kind: str, world: World, cpu_offload: bool = F
         return DistributedDataParallel(loss_module, device_ids=device_ids, gradient_as_bucket_view=True)
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    from sftlab import precision
+
     kwargs = {"mesh": world.mesh}
-    if world.device.type == "cuda":  # compute in bf16, reduce gradients in fp32; master weights stay fp32
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    current = precision.current()
+    mixed = current.mixed if current is not None else world.device.type == "cuda"
+    if mixed:  # compute in the run's dtype, reduce gradients in fp32; master weights stay fp32
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=current.dtype if current else torch.bfloat16,
+                                                   reduce_dtype=torch.float32)
     kwargs["offload_policy"] = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in decoder_layers(loss_module.model):
         fully_shard(layer, **kwargs)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from sftlab import precision
 from sftlab.config import RunConfig, save_config
 from sftlab.data.prepare import PreparedData, prepare_data
 from sftlab.errors import NonFiniteLossError, ResourceError
@@ -79,9 +80,18 @@ def _apply_lora(model, config: RunConfig):
 
 def build_model(config: RunConfig, device: torch.device):
     """The model to train: the base weights, with LoRA adapters when asked (a resumed run loads
-    its checkpoint's state into this)."""
+    its checkpoint's state into this). Under mixed precision the frozen base of LoRA is stored in
+    the compute dtype (half the memory, no cast a step); what trains stays fp32 (master weights)."""
     model = load_causal_lm(config.model, device)
-    return _apply_lora(model, config) if config.method == "lora" else model
+    if config.method != "lora":
+        return model
+    model = _apply_lora(model, config)
+    current = precision.current()
+    if current is not None and current.mixed:
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(current.dtype)
+    return model
 
 
 def _optimizer(model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -113,7 +123,7 @@ def evaluate(module, batches, world: World, parallelism: str | None, pad_id: int
     was_training = module.training
     module.eval()
     count = int(world.max(len(batches))) if parallelism == "fsdp" else len(batches)  # FSDP2: same passes on every rank
-    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=world.device.type == "cuda")
+    autocast = precision.autocast(world.device)
     loss_sum, tokens = 0.0, 0
     for index in range(count):
         batch = batches[index] if index < len(batches) else filler_piece(pad_id)
@@ -216,8 +226,13 @@ def train(config: RunConfig, resume: bool = False, console: Console | None = Non
     world = init_world(config.device)
     status = RunStatus(config.output_dir, world.is_main)  # status.json: what `sftlab ui` shows
     status.running(resume)
+    console = console or Console()
     try:
-        result = _train(config, world, resume, console or Console(), force, status)
+        chosen = precision.resolve(config.precision, world.device)
+        if world.is_main:
+            console.print(chosen.describe(), highlight=False)
+        with precision.use(chosen, world.device):
+            result = _train(config, world, resume, console, force, status)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last checkpoint (if any) resumes
         status.write("interrupted", interrupted_by="a second Ctrl-C")
         raise
@@ -379,10 +394,17 @@ def _optimizer_step(run: _Run, step: int, params: list, track: _Tracker) -> dict
     learning_rate = run.scheduler.get_last_lr()[0]
     done = _step(run.module, batches.micro_batches(step), batches, run.plan, world, run.parallelism, config,
                  run.console, step)
+    scaler = precision.scaler()  # fp16: gradients unscaled before clipping; an overflow skips the step
+    if scaler is not None:
+        scaler.unscale_(run.optimizer)
     grad_norm = plain_value(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
     loss_sum = done.loss_sum if not world.distributed else _global(done.loss_sum, world)
     input_tokens = int(world.sum(done.input_tokens))
-    if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+    if scaler is not None and torch.isfinite(loss_sum):
+        scaler.step(run.optimizer)  # skips the update when the scaled gradient overflowed
+        scaler.update()
+        track.skipped_steps += not bool(torch.isfinite(grad_norm))
+    elif not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
         track.skipped_steps += _non_finite(step, batches, world, config, run.console, run.optimizer)
     else:
         run.optimizer.step()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sftlab import precision
 from sftlab.data.tokenize import IGNORE_INDEX
 
 
@@ -177,7 +178,7 @@ def evaluate_loss(model, batches, device: torch.device, chunk_size: int = 0) -> 
     loss_sum, tokens = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with precision.autocast(device):
             s, n = token_loss_sum(model, batch, chunk_size)
         loss_sum += float(s)
         tokens += n

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sftlab import precision
+
 MB = 2**20
 
 
@@ -183,21 +185,25 @@ ACTIVATION_MARGIN = 1.5
 
 def _saved_bytes(model, length: int, device: torch.device) -> int:
     """Bytes of the tensors autograd saves for backward in one forward of one row of `length`
-    tokens through the decoder, each storage counted once, parameters excluded."""
+    tokens through the decoder, each storage counted once, parameters excluded, and so are the
+    compute-dtype copies of the weights that autocast saves (a cost of the model, not of tokens)."""
     from sftlab.train.loss import unwrap_model
 
     decoder = unwrap_model(model).get_decoder()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {(tuple(p.shape), p.dtype) for p in model.parameters() if p.dim() >= 2}
     seen: dict[int, int] = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
+        weight_copy = tensor.dim() >= 2 and any(tuple(tensor.shape) == shape and tensor.dtype != dtype
+                                                 for shape, dtype in shapes)
+        if storage.data_ptr() not in params and not weight_copy:
             seen[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     ids = torch.arange(length, device=device)[None] % max(2, unwrap_model(model).config.vocab_size)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = precision.autocast(device)  # bf16 activations take half the bytes of fp32 ones
     was_training = model.training
     model.train()
     # the probe must not move the random state (LoRA dropout draws from it): forked and restored

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sftlab import precision
 from sftlab.data.batching import split_by_tokens
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.train.distributed import World, set_gradient_sync
@@ -74,16 +75,18 @@ def forward_backward(module, pieces: list[dict], device: torch.device, world: Wo
     # DDP and FSDP2 average gradients over ranks: dividing by tokens / world_size makes the
     # reduced gradient that of the step's summed loss over its trained tokens
     divisor = max(step_tokens, 1) / world.size
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    scaler = precision.scaler()  # fp16: the loss is scaled, and so the gradient the fused loss adds itself
+    scale = float(scaler.get_scale()) if scaler is not None else 1.0
     loss_sum = torch.zeros((), device=device)
     for index, piece in enumerate(pieces):
         batch = {k: v.to(device, non_blocking=True) for k, v in piece.items() if k != "num_tokens"}
-        weight_grad_scale = 1 / divisor if grad_into_weight else None
+        weight_grad_scale = scale / divisor if grad_into_weight else None
         with set_gradient_sync(module, parallelism, enabled=index == len(pieces) - 1):
-            with autocast:
+            with precision.autocast(device):
                 summed = module(**batch, weight_grad_scale=weight_grad_scale)
             if index >= real:
                 summed = summed * 0.0
-            (summed / divisor).backward()
+            loss = summed / divisor
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += summed.detach()
     return StepResult(loss_sum, step_tokens, sum(input_tokens(p) for p in pieces[:real]), real)
