@@ -47,13 +47,14 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measured_matmul_flops(seconds: float = 2.0) -> float:
-    """The machine's own dense matmul rate: fp32 on CPU, bf16 on CUDA."""
+def measured_matmul_flops(seconds: float = 2.0, dtype_name: str | None = None) -> float:
+    """The machine's own dense matmul rate in `dtype_name` (default: bf16 on CUDA, fp32 on CPU)."""
     import torch
 
     cuda = torch.cuda.is_available()
     n = 8192 if cuda else 1024
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name] if dtype_name else (
+        torch.bfloat16 if cuda else torch.float32)
     a = torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu")
     b = torch.randn(n, n, dtype=dtype, device=a.device)
     for _ in range(3):
@@ -80,6 +81,51 @@ def flops_per_token(config, method: str, mean_length: float) -> float:
     n_matmul = layers * per_layer + config.vocab_size * hidden  # + the output layer
     dense = (6 if method == "full" else 4) * n_matmul
     return dense + 12 * layers * heads * head_dim * mean_length
+
+
+def step_gemm_shapes(config, tokens: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every matmul of one full fine-tuning step over `tokens` tokens (a piece): each
+    linear layer's forward (tokens x in -> out) and its two backward products (the input's
+    gradient, tokens x out -> in; the weight's, in x tokens -> out), and the output layer's."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    linears = [(hidden, heads * head_dim), (hidden, kv), (hidden, kv), (heads * head_dim, hidden),
+               (hidden, config.intermediate_size), (hidden, config.intermediate_size), (config.intermediate_size, hidden)]
+    shapes = []
+    for fan_in, fan_out in linears * layers + [(hidden, config.vocab_size)]:
+        shapes += [(tokens, fan_in, fan_out), (tokens, fan_out, fan_in), (fan_in, tokens, fan_out)]
+    return shapes
+
+
+def gemm_shape_rate(config, tokens: int, dtype_name: str, repeats: int = 3) -> dict:
+    """The machine's matmul rate at a step's own GEMM shapes (each distinct shape timed, weighted by
+    how often the step runs it): what a step could reach if it did nothing but its matmuls."""
+    import collections
+
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    counts = collections.Counter(step_gemm_shapes(config, tokens))
+    total_flops = total_seconds = 0.0
+    for (m, k, n), count in counts.items():
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - started) / repeats
+        total_flops += 2 * m * k * n * count
+        total_seconds += seconds * count
+    return {"tokens": tokens, "dtype": dtype_name, "shapes": len(counts), "matmuls": sum(counts.values()),
+            "flops": total_flops, "seconds": total_seconds, "flops_per_s": total_flops / total_seconds}
 
 
 def bench_rows(path: Path, rows: int) -> list[dict]:
@@ -190,7 +236,8 @@ def run_trl(spec: dict) -> dict:
         gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
         max_steps=spec["warmup"] + spec["steps"], max_length=spec["max_length"], completion_only_loss=True,
         packing=spec["packing"], packing_strategy="bfd", logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), seed=0, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), bf16=spec.get("precision", "fp32") == "bf16" or torch.cuda.is_available(),
+        seed=0, dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
@@ -229,14 +276,16 @@ def run_trl_as_a_user(spec: dict) -> dict:
         output_dir=str(Path(spec["workdir"]) / "trl"), per_device_train_batch_size=spec["batch"],
         gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=spec["lr"], max_length=spec["max_length"],
         completion_only_loss=True, report_to=[], use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available(), seed=0, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+        bf16=spec.get("precision") == "bf16" or torch.cuda.is_available(), seed=0,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     output = trainer.train()
     trainer.save_model(str(Path(spec["workdir"]) / "trl" / "final"))
     seconds = output.metrics["train_runtime"]
     tokens = int(trainer.state.num_input_tokens_seen)
-    return {"train_seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"train_seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "losses": losses}
 
 
 def worker_main(tool: str, spec_json: str) -> None:
@@ -273,9 +322,10 @@ def whole_process(command: list[str], cwd: Path) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss / 1024, out
 
 
-def user_settings_row(model: str, args) -> dict:
+def user_settings_row(model: str, args, precision: str = "fp32") -> dict:
     """Both tools at the settings a user types — batch 8, no accumulation, max_length 512, one
-    epoch, each tool's defaults otherwise — measured as whole processes, loading and saving included."""
+    epoch, each tool's defaults otherwise — in one precision (sftlab `precision`, TRL `bf16=`),
+    measured as whole processes, loading and saving included."""
     import yaml
 
     lr = 2e-5
@@ -284,45 +334,76 @@ def user_settings_row(model: str, args) -> dict:
         (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bench_rows(args.data, args.rows)))
         config = {"model": model, "data": "rows.jsonl", "template": "alpaca", "max_length": args.max_length,
                   "batch_size": args.batch, "gradient_accumulation_steps": 1, "num_epochs": 1,
-                  "learning_rate": lr, "output_dir": str(work / "run"), "cache": False}
+                  "learning_rate": lr, "output_dir": str(work / "run"), "cache": False, "precision": precision}
         (work / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        print(f"  {model} full, user settings: sftlab train run.yaml ...", flush=True)
+        print(f"  {model} full {precision}, user settings: sftlab train run.yaml ...", flush=True)
         sftlab = Path(sys.executable).with_name("sftlab")
         wall, peak, out = whole_process([str(sftlab), "train", "run.yaml"], work)
         summary = json.loads((work / "run" / "train_summary.json").read_text())
+        losses = [json.loads(line)["loss"] for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
         ours = {"wall_s": wall, "peak_rss_mb": peak, "tokens_per_s": summary["tokens_per_second"],
-                "micro_batch_tokens": summary["micro_batch_tokens"], "memory": summary["memory"]}
+                "micro_batch_tokens": summary["micro_batch_tokens"], "memory": summary["memory"], "losses": losses,
+                "precision_line": next((l for l in out.splitlines() if l.startswith("precision:")), "")}
         print(f"    {wall:.0f} s, {peak:.0f} MB", flush=True)
-        print(f"  {model} full, user settings: TRL SFTTrainer ...", flush=True)
+        print(f"  {model} full {precision}, user settings: TRL SFTTrainer (bf16={precision == 'bf16'}) ...", flush=True)
         spec = {"model": model, "data": str(args.data), "rows": args.rows, "max_length": args.max_length,
-                "batch": args.batch, "lr": lr, "workdir": str(work)}
+                "batch": args.batch, "lr": lr, "workdir": str(work), "precision": precision}
         wall, peak, out = whole_process([sys.executable, __file__, "--worker", "trl-user", json.dumps(spec)], ROOT)
         trl = {"wall_s": wall, "peak_rss_mb": peak,
                **json.loads(next(l for l in out.splitlines() if l.startswith("BENCH_RESULT "))[len("BENCH_RESULT "):])}
         print(f"    {wall:.0f} s, {peak:.0f} MB", flush=True)
-    return {"model": model, "method": "full", "rows": args.rows, "batch": args.batch, "max_length": args.max_length,
-            "sftlab": ours, "trl": trl, "speed_ratio": trl["wall_s"] / ours["wall_s"],
+    return {"model": model, "method": "full", "precision": precision, "rows": args.rows, "batch": args.batch,
+            "max_length": args.max_length, "sftlab": ours, "trl": trl, "speed_ratio": trl["wall_s"] / ours["wall_s"],
             "memory_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"]}
 
 
-def user_settings_markdown(rows: list[dict], machine: str) -> str:
+def precision_rows(rows: list[dict]) -> list[str]:
+    """sftlab bf16 against sftlab fp32 on the same model (both user-settings runs)."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {r["precision"]: r for r in rows if r["model"] == model}
+        if not {"fp32", "bf16"} <= set(by):
+            continue
+        a, b = by["fp32"]["sftlab"], by["bf16"]["sftlab"]
+        last = max(1, len(a["losses"]) // 3)
+        mean = lambda xs: sum(xs[-last:]) / len(xs[-last:])
+        lines.append(f"| {Path(model).name} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | "
+                     f"**{b['tokens_per_s'] / a['tokens_per_s']:.2f}×** | {a['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} | "
+                     f"{mean(a['losses']):.4f} / {mean(b['losses']):.4f} ({100 * (mean(b['losses']) / mean(a['losses']) - 1):+.1f}%) | "
+                     f"{by['bf16']['sftlab']['precision_line'].removeprefix('precision: ')} |")
+    return lines
+
+
+def user_settings_markdown(rows: list[dict], machine: str, gemm: list[dict] | None = None) -> str:
     lines = [f"Machine: {machine}", "",
              "Same user-level settings (batch 8, no accumulation, max_length 512, 1 epoch, each tool's defaults "
-             "otherwise), whole process (loading and saving included):", "",
-             "| model | TRL wall / peak RSS | sftlab wall / peak RSS | speed | memory | training tok/s sftlab / TRL | sftlab micro_batch_tokens |",
-             "|---|---|---|---|---|---|---|"]
+             "otherwise; precision: sftlab `precision`, TRL `bf16=`), whole process (loading and saving included):", "",
+             "| model | precision | TRL wall / peak RSS | sftlab wall / peak RSS | speed | memory | training tok/s sftlab / TRL | sftlab micro_batch_tokens |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, t = r["sftlab"], r["trl"]
-        lines.append(f"| {Path(r['model']).name} | {t['wall_s']:.0f} s / {t['peak_rss_mb']:.0f} MB | "
+        lines.append(f"| {Path(r['model']).name} | {r.get('precision', 'fp32')} | {t['wall_s']:.0f} s / {t['peak_rss_mb']:.0f} MB | "
                      f"{s['wall_s']:.0f} s / {s['peak_rss_mb']:.0f} MB | **{r['speed_ratio']:.2f}×** | "
                      f"**{r['memory_ratio']:.2f}×** | {s['tokens_per_s']:.1f} / {t['tokens_per_s']:.1f} | {s['micro_batch_tokens']} |")
+    compared = precision_rows(rows)
+    if compared:
+        lines += ["", "sftlab bf16 against sftlab fp32 (the runs above):", "",
+                  "| model | fp32 tok/s | bf16 tok/s | bf16 speed-up | peak RSS fp32 / bf16 MB | mean loss of the last third "
+                  "of steps fp32 / bf16 | what auto said |", "|---|---|---|---|---|---|---|", *compared]
+    for g in gemm or []:
+        lines += ["", f"{Path(g['model']).name}, the step's own GEMM shapes ({g['shapes']} shapes, {g['matmuls']} matmuls "
+                      f"a step of {g['tokens']}-token pieces: each linear layer's forward, input-gradient and weight-gradient "
+                      f"products, and the output layer's), in {g['dtype']}: {g['flops_per_s'] / 1e9:.0f} GFLOP/s. A training "
+                      f"step at {g['step_tokens_per_s']:.1f} tok/s does {g['flops_per_token'] / 1e9:.3f} GFLOP a token "
+                      f"(6N + attention, PaLM appendix B), {g['step_flops_per_s'] / 1e9:.0f} GFLOP/s: "
+                      f"**{100 * g['share']:.0f}%** of that rate."]
     lines += ["", "Where sftlab's peak happens (peak MB of each phase; * = the phase that set the process peak):", ""]
     for r in rows:
         phases = r["sftlab"]["memory"]["phases"]
         top = r["sftlab"]["memory"]["process_peak_mb"]
         cells = ", ".join(f"{name} {p['peak_mb']:.0f}{'*' if p['raised_process_peak'] and p['peak_mb'] >= top - 1 else ''}"
                           for name, p in phases.items())
-        lines.append(f"- {Path(r['model']).name}: {cells}")
+        lines.append(f"- {Path(r['model']).name} ({r.get('precision', 'fp32')}): {cells}")
     return "\n".join(lines) + "\n"
 
 
@@ -482,11 +563,17 @@ def main() -> None:
     parser.add_argument("--user-settings", choices=["on", "off", "only"], default="on",
                         help="also (or only) run both tools at the settings a user types (batch 8, no accumulation, "
                              "1 epoch, defaults otherwise) as whole processes; full fine-tuning, each model")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="the user-settings runs' precisions (both tools); bf16 where the machine lacks native "
+                             "bf16 still runs, slower")
+    parser.add_argument("--user-models", default="smollm2-135m-instruct",
+                        help="models of the user-settings runs (default: SmolLM2 only, to keep make bench under an hour)")
     parser.add_argument("--quick", action="store_true", help="a few rows and one timed step (for the tests)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
         args.rows, args.steps, args.warmup, args.batch, args.max_length = 8, 1, 1, 4, 128
+        args.user_models = args.models
     args.checkpointing = ["off", "on"] if args.sftlab_checkpointing == "both" else [args.sftlab_checkpointing]
     if args.batch % args.sftlab_micro_batch:
         parser.error(f"--batch {args.batch} is not a multiple of --sftlab-micro-batch {args.sftlab_micro_batch}")
@@ -503,11 +590,32 @@ def main() -> None:
         ablate(args, machine, matmul, stamp)
         return
     if args.user_settings != "off":
-        user_rows = []
-        for model in args.models.split(","):
-            user_rows.append(user_settings_row(model, args))
-            (args.out / f"user-settings-{stamp}.json").write_text(json.dumps({"machine": machine, "rows": user_rows}, indent=2))
-        table = user_settings_markdown(user_rows, machine)
+        user_rows, gemm = [], []
+        for model in (args.user_models or args.models).split(","):
+            for precision in args.precisions.split(","):
+                user_rows.append(user_settings_row(model, args, precision))
+                (args.out / f"user-settings-{stamp}.json").write_text(
+                    json.dumps({"machine": machine, "rows": user_rows, "gemm": gemm}, indent=2))
+            best = next((r for r in user_rows if r["model"] == model and r["precision"] == "bf16"), None)
+            if best is not None:  # the share of the bf16 matmul rate at the step's own shapes
+                from transformers import AutoConfig
+
+                from sftlab.models.convert import resolve_model
+
+                config = AutoConfig.from_pretrained(resolve_model(model))
+                rate = gemm_shape_rate(config, best["sftlab"]["micro_batch_tokens"], "bf16")
+                from sftlab.models.loading import load_tokenizer
+
+                tokenizer = load_tokenizer(model)
+                lengths = [min(args.max_length, len(tokenizer(p + c)["input_ids"]) + 1)
+                           for p, c in rendered_pairs(bench_rows(args.data, args.rows), tokenizer)]
+                fpt = flops_per_token(config, "full", sum(lengths) / len(lengths))
+                step = best["sftlab"]["tokens_per_s"] * fpt
+                gemm.append({"model": model, **rate, "flops_per_token": fpt, "step_tokens_per_s": best["sftlab"]["tokens_per_s"],
+                             "step_flops_per_s": step, "share": step / rate["flops_per_s"]})
+        (args.out / f"user-settings-{stamp}.json").write_text(
+            json.dumps({"machine": machine, "rows": user_rows, "gemm": gemm}, indent=2))
+        table = user_settings_markdown(user_rows, machine, gemm)
         (args.out / f"user-settings-{stamp}.md").write_text(table)
         if not args.quick:
             (args.out / "user-settings-latest.md").write_text(table)
