@@ -27,7 +27,7 @@ def test_the_files_are_what_the_builder_makes():
 def test_every_row_reads_and_the_held_out_rows_end_with_the_scored_turn():
     train = load_conversations(DataSource(path=str(DATA / "agent_train.jsonl")), "raise")
     held = load_conversations(DataSource(path=str(DATA / "agent_eval.jsonl")), "raise")
-    assert (train.rows_read, len(train.dropped)) == (260, 0) and (held.rows_read, len(held.dropped)) == (57, 0)
+    assert (train.rows_read, len(train.dropped)) == (336, 0) and (held.rows_read, len(held.dropped)) == (57, 0)
     assert all(c.messages[-1].role == "assistant" for c in held.conversations)
     calls = [c for c in held.conversations if c.messages[-1].tool_calls]
     assert len(calls) == 45 and len(held.conversations) - len(calls) == 12  # 12 rows need no call
@@ -50,4 +50,5 @@ def test_held_out_calls_use_unseen_tools_or_unseen_argument_values():
                 assert any(json.dumps(v) not in seen_values for v in call.arguments.values()), call
                 unseen_values += 1
     assert (unseen_tool, unseen_values) == (21, 24)
-    assert seen_tools == {"get_weather", "convert_currency", "get_time", "search_flights", "calculate", "create_reminder"}
+    assert seen_tools == {"get_weather", "convert_currency", "get_time", "search_flights", "calculate", "create_reminder",
+                          "order_pizza", "get_news", "send_message", "convert_units", "get_population", "play_music"}

@@ -1,7 +1,7 @@
 """Build the agent demo data: examples/data/agent_train.jsonl, agent_eval.jsonl and agent_tools.json.
 
-Written for sftlab (CC0), deterministic (seeded). OpenAI fine-tuning rows over a handful of
-tools: a user asks, the assistant calls the right tool with the arguments the user gave
+Written for sftlab (CC0), deterministic (seeded). OpenAI fine-tuning rows over twelve tools
+(strings, numbers, integers, enums, optional parameters): a user asks, the assistant calls the right tool with the arguments the user gave
 (arguments as JSON strings, content null), the tool answers, the assistant answers from the
 result. Some rows call two tools at once; some need no tool at all (the tools are offered, the
 assistant answers directly). Each row offers the tool it needs and another one (two tools when
@@ -42,6 +42,18 @@ TRAIN_TOOLS = {
     "create_reminder": tool("create_reminder", "Set a reminder at a time (HH:MM).", text={"type": "string"},
                             time={"type": "string"}),
 }
+TRAIN_TOOLS.update({
+    "order_pizza": tool("order_pizza", "Order pizzas for delivery.", size={"type": "string", "enum": ["small", "medium", "large"]},
+                        topping={"type": "string"}, quantity={"type": "integer"}),
+    "get_news": tool("get_news", "The latest headlines on a topic.", topic={"type": "string"}, count={"type": "integer"}),
+    "send_message": tool("send_message", "Send a text message to a contact.", recipient={"type": "string"},
+                         text={"type": "string"}),
+    "convert_units": tool("convert_units", "Convert a value between units of measure.", value={"type": "number"},
+                          from_unit={"type": "string"}, to_unit={"type": "string"}),
+    "get_population": tool("get_population", "Population of a country.", country={"type": "string"}),
+    "play_music": tool("play_music", "Play music by an artist, optionally a number of songs.", artist={"type": "string"},
+                       songs={"type": "integer", "optional": True}),
+})
 EVAL_TOOLS = {
     "get_stock_price": tool("get_stock_price", "Latest price of a stock by its ticker symbol.", symbol={"type": "string"}),
     "translate_text": tool("translate_text", "Translate text into a language.", text={"type": "string"},
@@ -60,6 +72,15 @@ SKIES = ["sunny", "cloudy", "raining", "snowing", "windy", "foggy"]
 TASKS = ["call the dentist", "water the plants", "send the report", "pick up the keys", "book the train",
          "stretch", "take the medicine", "pay the rent", "back up the laptop", "buy bread"]
 EVAL_TASKS = ["renew the passport", "feed the cat", "return the library books"]
+
+TOPPINGS = ["mushroom", "pepperoni", "olive", "cheese", "ham"]
+NEWS_TOPICS = ["science", "sports", "music", "space", "farming", "chess"]
+CONTACTS = ["Anna", "Ben", "Chloe", "David", "Emma", "Farid", "Grace"]
+MESSAGES = ["I am running late", "see you at noon", "call me back", "the meeting moved to Friday", "happy birthday"]
+UNIT_PAIRS = [("miles", "kilometers"), ("kilograms", "pounds"), ("liters", "gallons"), ("feet", "meters"),
+              ("celsius", "fahrenheit")]
+COUNTRIES = ["Norway", "Peru", "Japan", "Egypt", "Spain", "Canada", "Kenya", "Austria", "Ireland", "Vietnam"]
+ARTISTS = ["Miles Davis", "Nina Simone", "Bach", "Queen", "Bob Marley", "Adele"]
 
 DIRECT = [  # questions the offered tools do not help with: answered without a call
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -82,6 +103,21 @@ DIRECT = [  # questions the offered tools do not help with: answered without a c
     ("What is the plural of mouse?", "The plural of mouse is mice."),
     ("Is a tomato a fruit?", "Yes, botanically a tomato is a fruit."),
     ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
+    ("How many sides does a triangle have?", "A triangle has three sides."),
+    ("What is the boiling point of water in Celsius?", "Water boils at 100 degrees Celsius at sea level."),
+    ("Name a fruit that is yellow.", "A banana."),
+    ("What do you call a baby cat?", "A kitten."),
+    ("Hello!", "Hello! How can I help you today?"),
+    ("How many hours are in a day?", "A day has 24 hours."),
+    ("What is the first letter of the alphabet?", "A."),
+    ("Which animal is known as the king of the jungle?", "The lion."),
+    ("What is the chemical symbol for gold?", "Au."),
+    ("Can you tell me a joke?", "Why did the scarecrow win an award? Because he was outstanding in his field."),
+    ("How many continents are there?", "There are seven continents."),
+    ("What is the square of 3?", "9."),
+    ("Who was the first person on the Moon?", "Neil Armstrong."),
+    ("What does a thermometer measure?", "Temperature."),
+    ("Goodbye!", "Goodbye! Have a nice day."),
 ]
 EVAL_DIRECT = [
     ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
@@ -164,6 +200,50 @@ def reminder(rng, tasks):
             f"Done: I will remind you to {task} at {time}.")
 
 
+def pizza(rng):
+    size, topping, quantity = rng.choice(["small", "medium", "large"]), rng.choice(TOPPINGS), rng.randint(1, 5)
+    ask = rng.choice(["Order {q} {s} {t} pizzas.", "I want {q} {s} pizzas with {t}.", "Get me {q} {s} {t} pizzas, please."]
+                     ).format(q=quantity, s=size, t=topping)
+    return ("order_pizza", ask, {"size": size, "topping": topping, "quantity": quantity}, {"order": "placed", "eta_minutes": 30},
+            f"Your {quantity} {size} {topping} pizzas are ordered; they arrive in about 30 minutes.")
+
+
+def news(rng):
+    topic, count = rng.choice(NEWS_TOPICS), rng.randint(2, 5)
+    ask = rng.choice(["Give me {n} headlines about {t}.", "What are the top {n} news stories on {t}?"]).format(n=count, t=topic)
+    headlines = [f"{topic.title()} story {k + 1}" for k in range(count)]
+    return ("get_news", ask, {"topic": topic, "count": count}, {"headlines": headlines},
+            f"The top {count} {topic} headlines: " + "; ".join(headlines) + ".")
+
+
+def message(rng):
+    name, text = rng.choice(CONTACTS), rng.choice(MESSAGES)
+    ask = rng.choice(["Text {n}: {m}", "Send {n} a message saying '{m}'.", "Tell {n} '{m}' by message."]).format(n=name, m=text)
+    return ("send_message", ask, {"recipient": name, "text": text}, {"status": "sent"}, f"Sent to {name}.")
+
+
+def units(rng):
+    value, (a, b) = rng.choice([3, 5, 10, 12, 42, 100, 2.5]), rng.choice(UNIT_PAIRS)
+    ask = rng.choice(["Convert {v} {a} to {b}.", "How many {b} is {v} {a}?"]).format(v=value, a=a, b=b)
+    result = round(value * rng.uniform(0.3, 3), 2)
+    return "convert_units", ask, {"value": value, "from_unit": a, "to_unit": b}, {"value": result}, f"{value} {a} is {result} {b}."
+
+
+def population(rng):
+    country = rng.choice(COUNTRIES)
+    ask = rng.choice(["What is the population of {c}?", "How many people live in {c}?"]).format(c=country)
+    people = rng.randint(1, 300) * 1_000_000
+    return ("get_population", ask, {"country": country}, {"population": people},
+            f"{country} has about {people // 1_000_000} million people.")
+
+
+def music(rng):
+    artist, songs = rng.choice(ARTISTS), rng.choice([None, 2, 3, 5])
+    ask = f"Play {songs} songs by {artist}." if songs else rng.choice(["Play some {a}.", "Put on music by {a}."]).format(a=artist)
+    return ("play_music", ask, {"artist": artist, **({"songs": songs} if songs else {})}, {"status": "playing"},
+            f"Playing {artist}.")
+
+
 def stock(rng):
     symbol = rng.choice(["AAPL", "MSFT", "NVDA", "TSLA", "AMZN", "IBM"])
     ask = rng.choice(["What is the stock price of {s}?", "How much is {s} trading at?"]).format(s=symbol)
@@ -186,10 +266,10 @@ def table(rng):
 
 TRAIN_MAKERS = [lambda r: weather(r, TRAIN_CITIES), lambda r: currency(r, TRAIN_CURRENCIES),
                 lambda r: local_time(r, TRAIN_CITIES), lambda r: flights(r, TRAIN_CITIES),
-                lambda r: arithmetic(r), lambda r: reminder(r, TASKS)]
+                lambda r: arithmetic(r), lambda r: reminder(r, TASKS), pizza, news, message, units, population, music]
 
 
-def train_rows(rng: random.Random, calls: int = 180, parallel: int = 30, direct: int = 50) -> list[dict]:
+def train_rows(rng: random.Random, calls: int = 240, parallel: int = 24, direct: int = 72) -> list[dict]:
     rows = []
     for k in range(calls):
         name, ask, args, result, answer = TRAIN_MAKERS[k % len(TRAIN_MAKERS)](rng)

@@ -194,10 +194,11 @@ class RunConfig(_Strict):
         "under 15% to a step (large-vocabulary models) or one max_length row would not fit",
     )
     compile: bool = Field(False, description="torch.compile the model's decoder (dynamic shapes)")
-    loss_impl: Literal["fused", "chunked"] = Field(
+    loss_impl: Literal["fused", "chunked", "model"] = Field(
         "fused",
-        description="output layer + loss: fused (gradients computed in forward, no recompute) or chunked "
-        "(logits recomputed in backward: least memory)",
+        description="output layer + loss: fused (gradients computed in forward, no recompute), chunked "
+        "(logits recomputed in backward: least memory), or model (the model's own head and full logits: slowest, "
+        "for a head sftlab does not reproduce); a start-up check compares it with the model's own forward",
     )
     fused_optimizer: bool = Field(True, description="use PyTorch's fused AdamW kernel (CPU and CUDA)")
     embedding_grad_in_place: bool = Field(

@@ -153,10 +153,13 @@ def _prepare(config: RunConfig, world: World, memory: PhaseMemory, output_dir: P
     return data, tokenizer
 
 
-def _build(config: RunConfig, world: World, memory: PhaseMemory, console: Console):
-    """(module to call, plain model, parallelism, memory plan): loaded, memory planned, wrapped."""
+def _build(config: RunConfig, world: World, memory: PhaseMemory, console: Console, probe: dict | None = None):
+    """(module to call, plain model, parallelism, memory plan): loaded, checked against the
+    model's own loss on `probe` (a couple of real rows), memory planned, wrapped."""
     with memory.phase("load model"):
         model = build_model(config, world.device)
+    if probe is not None:
+        _check_loss(model, probe, config, world, console)
     parallelism = None
     if world.distributed:
         parallelism, why = choose_parallelism(config.parallelism, model, world)
@@ -181,6 +184,25 @@ def _build(config: RunConfig, world: World, memory: PhaseMemory, console: Consol
     if parallelism:
         module = wrap(module, parallelism, world, config.fsdp_cpu_offload)
     return module, model, parallelism, plan
+
+
+def _check_loss(model, probe: dict, config: RunConfig, world: World, console: Console) -> None:
+    """The loss sftlab trains with equals the model's own forward on real rows, or the run stops
+    before its first step, naming both (a head sftlab would not reproduce, e.g. a new family's)."""
+    from sftlab.train.loss import check_loss_against_model
+
+    current = precision.current()
+    tolerance = 1e-4 if current is None or not current.mixed else 2e-2  # bf16 logits round at ~0.4%
+    batch = {k: v.to(world.device) for k, v in probe.items() if k != "num_tokens"}
+    was_training = model.training
+    model.eval()  # dropout would make the two forwards differ
+    try:
+        with precision.autocast(world.device):
+            result = check_loss_against_model(model, batch, config.loss_impl, tolerance)
+    finally:
+        model.train(was_training)
+    console.print(f"loss check: {config.loss_impl} loss = the model's own forward on {len(probe['input_ids'])} rows "
+                  f"(relative difference {result['relative_difference']:.1e}; head: {result['head']})", highlight=False)
 
 
 def _resume_point(config: RunConfig, world: World, output_dir: Path, console: Console, force: bool) -> Path | None:
@@ -322,7 +344,10 @@ def _setup(config: RunConfig, world: World, resume: bool, console: Console, forc
         + (" (tokenized data from the cache)" if data.report.get("cache") == "hit" else "")
     )
     resume_from = _resume_point(config, world, output_dir, console, force) if resume else None
-    module, model, parallelism, plan = _build(config, world, memory, console)
+    from sftlab.data.batching import collate
+
+    probe = collate([data.train[i] for i in range(min(2, len(data.train)))], tokenizer.pad_token_id) if len(data.train) else None
+    module, model, parallelism, plan = _build(config, world, memory, console, probe)
     batches = RunBatches(data.train, config, world.rank, world.size, tokenizer.pad_token_id)
     global_batch = config.batch_size * config.gradient_accumulation_steps * world.size
     console.print(f"global batch: {global_batch} ({config.batch_size} x {config.gradient_accumulation_steps} "
