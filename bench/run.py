@@ -408,8 +408,10 @@ def user_settings_markdown(rows: list[dict], machine: str, gemm: list[dict] | No
 
 
 def sftlab_overrides(args, checkpointing: str) -> list[str]:
-    """sftlab's config overrides for one activation-checkpointing setting, then --sftlab-set."""
-    return [f"gradient_checkpointing={str(checkpointing == 'on').lower()}", *args.sftlab_set]
+    """sftlab's config overrides for one activation-checkpointing setting and the bench's precision
+    (TRL runs in the same one), then --sftlab-set."""
+    return [f"gradient_checkpointing={str(checkpointing == 'on').lower()}", f"precision={args.precision}",
+            *args.sftlab_set]
 
 
 def bench_one(model: str, method: str, args, matmul_flops: float) -> list[dict]:
@@ -422,7 +424,7 @@ def bench_one(model: str, method: str, args, matmul_flops: float) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"model": model, "method": method, "data": str(args.data), "rows": args.rows, "max_length": args.max_length,
                 "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr,
-                "accumulation": args.batch // args.sftlab_micro_batch}
+                "accumulation": args.batch // args.sftlab_micro_batch, "precision": args.precision}
         ours_by_setting, trl_runs = {}, []
         for setting in args.checkpointing:
             work = Path(tmp) / f"sftlab-{setting}"
@@ -563,6 +565,9 @@ def main() -> None:
     parser.add_argument("--user-settings", choices=["on", "off", "only"], default="on",
                         help="also (or only) run both tools at the settings a user types (batch 8, no accumulation, "
                              "1 epoch, defaults otherwise) as whole processes; full fine-tuning, each model")
+    parser.add_argument("--precision", default=None,
+                        help="precision of the side-by-side comparison and the ablation, both tools (default: bf16 "
+                             "where the hardware multiplies it natively, else fp32)")
     parser.add_argument("--precisions", default="fp32,bf16",
                         help="the user-settings runs' precisions (both tools); bf16 where the machine lacks native "
                              "bf16 still runs, slower")
@@ -581,8 +586,11 @@ def main() -> None:
 
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
                if not torch.cuda.is_available() else f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"measuring the matmul rate ({'bf16 CUDA' if torch.cuda.is_available() else 'fp32 CPU'}) ...", flush=True)
-    matmul = measured_matmul_flops(0.5 if args.quick else 2.0)
+    from sftlab.precision import resolve
+
+    args.precision = args.precision or resolve("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu")).name
+    print(f"measuring the matmul rate ({args.precision}, the comparison's precision) ...", flush=True)
+    matmul = measured_matmul_flops(0.5 if args.quick else 2.0, args.precision)
     print(f"  {matmul / 1e9:.1f} GFLOP/s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = "quick" if args.quick else time.strftime("%Y%m%d-%H%M%S")

@@ -98,7 +98,8 @@ class DataSource(_Strict):
 class LoraSettings(_Strict):
     r: int = Field(16, gt=0, description="LoRA rank")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input (peft refuses it on MoE experts; "
+                           "with dropout > 0, N processes draw other masks than 1)")
     target_modules: str | list[str] = Field(
         "all-linear", description="module names to adapt; 'all-linear' = every linear layer but the output head"
     )

@@ -160,11 +160,17 @@ def choose_parallelism(setting: str, model: nn.Module, world: World) -> tuple[st
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    decoder = unwrap_model(model).get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(f"FSDP2: cannot find the decoder layers of {type(decoder).__name__} (expected .layers)")
-    return list(layers)
+    """The decoder's blocks, whatever the family calls them (`layers`, GPT-2's `h`, ...): the
+    ModuleList of the decoder with one block a hidden layer."""
+    lm = unwrap_model(model)
+    decoder = lm.get_decoder()
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    count = getattr(config, "num_hidden_layers", None)
+    lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m) and (count is None or len(m) == count)]
+    if not lists:
+        raise ValueError(f"FSDP2: cannot find the decoder layers of {type(decoder).__name__} (a ModuleList of "
+                         f"{count} blocks)")
+    return list(max(lists, key=len))
 
 
 def wrap(loss_module: LossModule, kind: str, world: World, cpu_offload: bool = False) -> nn.Module:
